@@ -1,0 +1,152 @@
+"""Memory-linear SelfExtend: a neighbor band pass and a grouped causal pass merged by log-sum-exp.
+
+The neighbor keys (distance < W) and grouped keys (distance >= W) of a query are disjoint, so SelfExtend
+costs about one causal attention pass, never an L x L matrix:
+
+* neighbor pass: query blocks of ``block_size`` rows against their band of ``W + block`` keys, O(L * W);
+* grouped pass: ``grouped_query[W:]`` against ``grouped_key[:L - W]`` with a causal mask, which selects
+  exactly the pairs ``i - j >= W`` (bottom-right aligned; split into a full prefix and a causal square
+  when there are more keys than queries, as in chunked prefill and decode);
+* merge: ``o = o_n * sigmoid(lse_n - lse_g) + o_g * sigmoid(lse_g - lse_n)``; rows with no grouped key
+  keep ``o_n``.
+
+Both passes run on ``primitives.attention_with_lse`` (the CPU flash kernel where available). Padding is
+handled per row by slicing each row's contiguous run of real tokens, which makes it unpadded; rows whose
+padding is not one contiguous block (right padding followed by new tokens) are not supported here and
+``backend="auto"`` routes them to the reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend, SelfExtendInputs
+from .merge import merge_lse
+from .primitives import attention_with_lse
+
+
+def _valid_ranges(inp: SelfExtendInputs) -> list[tuple[int, int]] | None:
+    """Per row, the [first, last] key index of its real tokens, or None if they are not contiguous."""
+    last_query_key = inp.q_start + inp.q_len - 1
+    if inp.key_valid is None:
+        return [(0, last_query_key)] * inp.query.shape[0]
+    valid = inp.key_valid[:, : last_query_key + 1]
+    idx = torch.arange(valid.shape[1], device=valid.device)
+    count = valid.sum(dim=1)
+    first = torch.where(valid, idx, valid.shape[1]).amin(dim=1)
+    last = torch.where(valid, idx, -1).amax(dim=1)
+    if bool(((count > 0) & (last - first + 1 != count)).any()):
+        return None
+    return [(int(f), int(la)) for f, la in zip(first.tolist(), last.tolist(), strict=True)]
+
+
+class BlockwiseBackend(Backend):
+    """The default backend: exact, memory-linear, at the cost of about one causal attention pass."""
+
+    name = "cpu"
+
+    def __init__(self, block_size: int = 512):
+        self.block_size = block_size
+
+    def supports(self, inp: SelfExtendInputs) -> str | None:
+        if _valid_ranges(inp) is None:
+            return "padding is not one contiguous block per row"
+        return None
+
+    def forward(self, inp: SelfExtendInputs) -> torch.Tensor:
+        ranges = _valid_ranges(inp)
+        if ranges is None:
+            raise ValueError(f"backend 'cpu' cannot run this input: {self.supports(inp)}; use backend='reference'")
+        bsz, heads, q_len, _ = inp.query.shape
+        if inp.key_valid is None:
+            first, last = ranges[0]
+            return self._unpadded(inp, slice(None), first, last)
+        out = inp.query.new_zeros(bsz, heads, q_len, inp.value.shape[-1])
+        for b, (first, last) in enumerate(ranges):
+            q_first = max(first, inp.q_start) - inp.q_start
+            q_last = last - inp.q_start
+            if last < first or q_last < q_first:  # no real query in this row
+                continue
+            out[b : b + 1, :, q_first : q_last + 1] = self._unpadded(inp, slice(b, b + 1), first, last)
+        return out
+
+    def _unpadded(self, inp: SelfExtendInputs, rows: slice, first: int, last: int) -> torch.Tensor:
+        """SelfExtend for rows whose real keys are ``[first, last]`` and whose real queries end at ``last``."""
+        q_first = max(first, inp.q_start) - inp.q_start
+        q_last = last - inp.q_start
+        q = inp.query[rows, :, q_first : q_last + 1]
+        qg = inp.grouped_query[rows, :, q_first : q_last + 1]
+        k = inp.key[rows, :, first : last + 1]
+        kg = inp.grouped_key[rows, :, first : last + 1]
+        v = inp.value[rows, :, first : last + 1]
+        window, scale, softcap = inp.window, inp.scaling, inp.softcap
+        n, m = k.shape[2], q.shape[2]
+        off = n - m  # query r is key r + off
+
+        out, lse = self._neighbor_pass(q, k, v, off, window, scale, softcap)
+
+        r0 = max(0, window - off)  # first query with a grouped key
+        if r0 < m:
+            n_g, m_g = n - window, m - r0
+            qg, kg, vg = qg[:, :, r0:], kg[:, :, :n_g], v[:, :, :n_g]
+            if m_g == n_g:
+                out_g, lse_g = attention_with_lse(qg, kg, vg, scale, causal=True, softcap=softcap)
+            elif m_g == 1:
+                out_g, lse_g = attention_with_lse(qg, kg, vg, scale, softcap=softcap)
+            else:  # more keys than queries: a full prefix plus a bottom-right causal square
+                p = n_g - m_g
+                o1, l1 = attention_with_lse(qg, kg[:, :, :p], vg[:, :, :p], scale, softcap=softcap)
+                o2, l2 = attention_with_lse(qg, kg[:, :, p:], vg[:, :, p:], scale, causal=True, softcap=softcap)
+                out_g, lse_g = merge_lse(o1, l1, o2, l2)
+            merged, _ = merge_lse(out[:, :, r0:], lse[:, :, r0:], out_g, lse_g)
+            out[:, :, r0:] = merged.to(out.dtype)
+        return out
+
+    def _neighbor_pass(self, q, k, v, off, window, scale, softcap):
+        """Band attention ``0 <= t - j < W`` per block of queries, as three unmasked kernel calls.
+
+        For the block of queries at keys ``[t0, t0 + b)`` the band splits into
+        * the diagonal square ``[t0, t0 + b)``: causal;
+        * the middle ``[t0 - W + b, t0)``: seen by every query of the block, no mask;
+        * the left triangle ``[t0 - W + 1, t0 - W + b)``: query r sees column c iff c >= r, i.e. causal
+          after reversing both queries and keys, so it also runs on the causal kernel.
+        Clipped at key 0. Masked kernel calls cost about twice as much per element, so none are used.
+        """
+        m = q.shape[2]
+        out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        for rs in range(0, m, self.block_size):
+            re = min(m, rs + self.block_size)
+            o, lse_blk = self._band_block(q[:, :, rs:re], k, v, off + rs, window, scale, softcap)
+            out[:, :, rs:re], lse[:, :, rs:re] = o, lse_blk
+        return out, lse
+
+    @staticmethod
+    def _band_block(q, k, v, t0, window, scale, softcap):
+        b = q.shape[2]
+        if b >= window:  # band narrower than the block: one masked call
+            ks = max(0, t0 - window + 1)
+            dist = (t0 + torch.arange(b, device=q.device))[:, None] - torch.arange(ks, t0 + b, device=q.device)[None, :]
+            band = (dist >= 0) & (dist < window)
+            return attention_with_lse(q, k[:, :, ks : t0 + b], v[:, :, ks : t0 + b], scale, mask=band, softcap=softcap)
+        out, lse = attention_with_lse(q, k[:, :, t0 : t0 + b], v[:, :, t0 : t0 + b], scale, causal=True, softcap=softcap)
+        mid_s, mid_e = max(0, t0 - window + b), t0
+        if mid_e > mid_s:
+            o, l_ = attention_with_lse(q, k[:, :, mid_s:mid_e], v[:, :, mid_s:mid_e], scale, softcap=softcap)
+            out, lse = merge_lse(out, lse, o, l_)
+        # left triangle: columns c = 0..b-2 are keys tri_s + c; row r sees c >= r (row b-1 sees none)
+        tri_s = t0 - window + 1
+        lo = max(0, -tri_s)  # columns before key 0 do not exist
+        if lo < b - 1:
+            kt, vt = k[:, :, tri_s + lo : tri_s + b - 1], v[:, :, tri_s + lo : tri_s + b - 1]
+            # rows lo..b-2 against columns lo..b-2: c >= r is causal once both are reversed
+            o, l_ = attention_with_lse(
+                q[:, :, lo : b - 1].flip(2), kt.flip(2), vt.flip(2), scale, causal=True, softcap=softcap
+            )
+            tri_out, tri_lse = merge_lse(out[:, :, lo : b - 1], lse[:, :, lo : b - 1], o.flip(2), l_.flip(2))
+            out = out.clone() if out.dtype == torch.float32 else out.to(torch.float32)
+            out[:, :, lo : b - 1], lse[:, :, lo : b - 1] = tri_out, tri_lse
+            if lo > 0:  # rows 0..lo-1 see every existing column
+                o, l_ = attention_with_lse(q[:, :, :lo], kt, vt, scale, softcap=softcap)
+                out[:, :, :lo], lse[:, :, :lo] = merge_lse(out[:, :, :lo], lse[:, :, :lo], o, l_)
+        return out, lse

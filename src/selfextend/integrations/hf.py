@@ -1,0 +1,219 @@
+"""transformers >= 5 integration through its attention-function registry (no class patching).
+
+``apply`` registers one attention function and one mask function under the name ``"selfextend"`` and
+switches the model to it with ``set_attn_implementation``. The model's own code still projects q/k/v,
+applies its RoPE, updates its KV cache and calls us with q and k *already rotated*; we move them to the
+grouped positions by delta rotations (``rope.py``) and hand them to a backend.
+
+Masks: the registered mask function does not build an L x L mask. It returns a ``MaskSpec``: the 2D
+padding mask plus the arguments transformers would have used, so that
+
+* SelfExtend reads padding from a (B, kv_len) tensor (memory-linear);
+* layers or calls that must stay vanilla (sliding-window layers, ``group_size=1``, sequences no longer than
+  the window) call the model's original attention function with exactly the mask it would have built,
+  which makes them bit-identical to vanilla.
+
+Positions come from the ``position_ids`` that transformers passes to the attention function (the ones
+RoPE used); key positions are rebuilt from them and the padding mask (``positions.key_positions``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, causal_mask_function
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..backends import SelfExtendInputs, select_backend
+from ..cache import GroupedKeyStore
+from ..config import SelfExtendConfig
+from ..positions import grouped_key_positions, grouped_query_positions, key_positions
+from ..rope import rotate_by
+
+logger = logging.getLogger("selfextend")
+
+ATTN_NAME = "selfextend"
+
+
+@dataclass
+class MaskSpec:
+    """What transformers' mask creation was asked for, kept lazy (see module docstring)."""
+
+    kwargs: dict[str, Any]
+    _materialized: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_plain_causal(self) -> bool:
+        return self.kwargs.get("mask_function") is causal_mask_function
+
+    @property
+    def q_start(self) -> int:
+        """Index in the key tensor of the first query."""
+        return int(self.kwargs.get("q_offset", 0)) - int(self.kwargs.get("kv_offset", 0))
+
+    def key_valid(self, kv_len: int) -> torch.Tensor | None:
+        """(B, kv_len) bool padding mask, or None when nothing is padded."""
+        mask = self.kwargs.get("attention_mask")
+        if mask is None:
+            return None
+        start = int(self.kwargs.get("kv_offset", 0))
+        mask = mask[:, start : start + kv_len].to(torch.bool)
+        if mask.shape[1] < kv_len:  # static cache: slots past the mask are empty
+            mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
+        return None if bool(mask.all()) else mask
+
+    def materialize(self, implementation: str):
+        """The mask the original ``implementation`` would have received (built once per forward)."""
+        if implementation not in self._materialized:
+            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[implementation] if implementation in ALL_MASK_ATTENTION_FUNCTIONS else None
+            self._materialized[implementation] = mask_fn(**self.kwargs) if mask_fn is not None else self.kwargs.get("attention_mask")
+        return self._materialized[implementation]
+
+
+def selfextend_mask(**kwargs) -> MaskSpec:
+    return MaskSpec(kwargs)
+
+
+@dataclass
+class ModelState:
+    """Per-model settings shared by all its layers; ``apply`` may update ``config`` in place."""
+
+    config: SelfExtendConfig
+    original_implementation: str
+    original_sliding_window: Any = None
+    changed_sliding_window: bool = False
+    layer_modules: list = field(default_factory=list)
+
+
+@dataclass
+class LayerState:
+    model_state: ModelState
+    inv_freq: Callable[[], torch.Tensor]
+    vanilla: Callable
+    layout: str = "rotate_half"
+    store: GroupedKeyStore = field(default_factory=GroupedKeyStore)
+
+
+def vanilla_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
+    """The attention function the model used before ``apply``."""
+    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"cannot find the eager attention of {type(module).__name__}; load the model with "
+            "attn_implementation='sdpa' before selfextend.apply."
+        )
+    return eager
+
+
+_overflow_warned: set[int] = set()
+
+
+def selfextend_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    layer: LayerState | None = getattr(module, "selfextend_layer", None)
+    if layer is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs attn_implementation='{ATTN_NAME}' but was not prepared; "
+            "call selfextend.apply(model, ...) instead of setting the implementation by hand."
+        )
+    state = layer.model_state
+    cfg = state.config
+    spec = attention_mask if isinstance(attention_mask, MaskSpec) else None
+
+    def vanilla():
+        mask = spec.materialize(state.original_implementation) if spec is not None else attention_mask
+        return layer.vanilla(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    if kwargs.get("sliding_window") is not None or cfg.group_size == 1:
+        return vanilla()  # local layers never see past their window; G = 1 is vanilla by definition
+    if dropout:
+        raise ValueError("SelfExtend is an inference method; call model.eval() (attention dropout must be 0).")
+
+    bsz, _, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    q_start = spec.q_start if spec is not None else kv_len - q_len
+    if position_ids is None:
+        position_ids = (q_start + torch.arange(q_len, device=query.device))[None]
+    query_pos = position_ids.to(query.device).expand(bsz, q_len).long()
+    max_pos = int(query_pos.max())
+    if max_pos < cfg.window:
+        return vanilla()  # every key is a neighbor: exactly vanilla
+    if max_pos >= cfg.max_length:
+        _overflow(cfg, max_pos + 1)
+
+    if spec is not None and not spec.is_plain_causal:
+        raise ValueError(
+            "SelfExtend supports causal attention with padding; this call has a custom mask pattern "
+            "(packed sequences, bidirectional or block overlays). Pass an attention_mask and unpacked inputs."
+        )
+    if spec is None and attention_mask is not None:
+        raise ValueError(
+            "SelfExtend needs the 2D attention_mask (batch, length); got a prepared 4D mask. "
+            "Pass attention_mask as returned by the tokenizer."
+        )
+    key_valid = spec.key_valid(kv_len) if spec is not None else None
+    key_pos, _ = key_positions(query_pos, key_valid, q_start, kv_len)
+
+    G, W = cfg.group_size, cfg.window
+    inv_freq = layer.inv_freq()
+    grouped_query = rotate_by(query, grouped_query_positions(query_pos, G, W) - query_pos, inv_freq, layer.layout)
+    written = q_start + q_len
+    key_delta = grouped_key_positions(key_pos, G) - key_pos
+
+    def rotate(keys: torch.Tensor, start: int) -> torch.Tensor:
+        return rotate_by(keys, key_delta[:, start : start + keys.shape[2]], inv_freq, layer.layout)
+
+    grouped_key = layer.store.grouped_keys(key, written, keep=q_start > 0, rotate=rotate)
+    inputs = SelfExtendInputs(
+        query=query,
+        key=key[:, :, :written],
+        value=value[:, :, :written],
+        grouped_query=grouped_query,
+        grouped_key=grouped_key,
+        query_pos=query_pos,
+        key_pos=key_pos[:, :written],
+        key_valid=None if key_valid is None else key_valid[:, :written],
+        q_start=q_start,
+        window=W,
+        scaling=scaling if scaling is not None else head_dim**-0.5,
+        softcap=kwargs.get("softcap"),
+    )
+    out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _overflow(cfg: SelfExtendConfig, length: int) -> None:
+    msg = (
+        f"{length} tokens exceed the reach ({cfg.trained_length}-{cfg.window})*{cfg.group_size}+{cfg.window} = "
+        f"{cfg.max_length} of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave the trained "
+        f"range. Set group_size >= {-(-(length - cfg.window) // (cfg.trained_length - cfg.window))}"
+    )
+    if not cfg.allow_overflow:
+        raise ValueError(msg + ", or pass allow_overflow=True to continue with a warning.")
+    if length // 1024 not in _overflow_warned:  # once per 1k tokens, not once per layer
+        _overflow_warned.add(length // 1024)
+        warnings.warn(msg + ".", RuntimeWarning, stacklevel=3)
+
+
+def register() -> None:
+    """Register the attention and mask functions (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, selfextend_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, selfextend_mask)

@@ -1,0 +1,57 @@
+"""RoPE delta rotations: move already-rotated queries and keys to other positions.
+
+RoPE is a rotation, so ``R(a) R(b) = R(a + b)``: a key rotated at its true position ``j`` moves to its
+grouped position ``j // G`` by one more rotation of ``j // G - j``. The attention registry hands us q and
+k after the model's own RoPE, so this is all SelfExtend needs, for any rope type: the deltas use the
+model's ``inv_freq`` *after* its rope-type adjustments (llama3, linear, yarn frequencies) and *without*
+the attention scaling that yarn/longrope fold into cos/sin (scaling is not a rotation and is already in
+q and k). Angles are computed in fp32 whatever the model dtype.
+
+Layouts:
+* ``rotate_half`` (NeoX/Llama, what transformers uses for every supported family): channel ``c`` pairs
+  with ``c + rd/2``;
+* ``interleaved`` (GPT-J style): channel ``2c`` pairs with ``2c + 1``;
+* partial rotary (Phi): only the first ``rd = 2 * len(inv_freq)`` channels rotate, the rest pass through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("rotate_half", "interleaved")
+
+
+def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:
+    """Rotate ``x`` by ``delta`` positions.
+
+    Args:
+        x: (B, H, T, D) queries or keys, already rotated at their true positions.
+        delta: (B, T) integer position offsets (may be negative).
+        inv_freq: (rd/2,) the model's inverse frequencies; ``rd <= D`` channels rotate.
+        layout: ``"rotate_half"`` or ``"interleaved"``.
+
+    Returns:
+        A new tensor of ``x``'s shape and dtype.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    half = inv_freq.numel()
+    rd = 2 * half
+    angle = delta.to(torch.float32)[:, None, :, None] * inv_freq.to(device=x.device, dtype=torch.float32)
+    cos, sin = angle.cos(), angle.sin()  # (B, 1, T, rd/2)
+    xr = x[..., :rd].to(torch.float32)
+    if layout == "rotate_half":
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    rotated = rotated.to(x.dtype)
+    if rd == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rd:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:
+    """Plain RoPE of un-rotated ``x`` at ``pos`` (used by tests and the reference formulation)."""
+    return rotate_by(x, pos, inv_freq, layout)

@@ -1,0 +1,57 @@
+"""Tiny random-weight models, one per supported family, built from config (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TRAINED = 64  # tiny trained context: long inputs are cheap and the reach is (64 - W) * G + W
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=TRAINED,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": {},
+    "llama3": {"model_type": "llama", "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "mistral": {"sliding_window": 16},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {},
+    "phi": {"partial_rotary_factor": 0.5, "num_key_value_heads": 4},
+}
+
+
+def build_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    spec = dict(FAMILIES[family])
+    model_type = spec.pop("model_type", family)
+    kwargs = {**COMMON, **spec, **overrides}
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    attn = "eager" if model_type == "gemma2" else "sdpa"  # gemma2 soft-caps logits: no sdpa
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    # random init is too tame to tell positions apart; sharpen attention so position errors show up
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
