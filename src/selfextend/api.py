@@ -71,6 +71,26 @@ def _inv_freq_getter(rotary: torch.nn.Module, layer: torch.nn.Module):
     return lambda: getattr(rotary, name).to(torch.float32)
 
 
+def _toggle_sliding_window(model: torch.nn.Module, state: ModelState) -> None:
+    """A sliding window on *every* layer (Mistral v0.1, Phi-3 mini) hides the far keys that grouped attention
+    exists to read, so it is switched off while ``group_size > 1``, as the paper does for Mistral. Hybrid
+    models (Gemma 2/3, Qwen with ``layer_types``) keep their local layers vanilla instead."""
+    if getattr(model.config, "layer_types", None):
+        return
+    if state.config.group_size > 1 and getattr(model.config, "sliding_window", None) is not None:
+        state.original_sliding_window = model.config.sliding_window
+        state.changed_sliding_window = True
+        logger.warning(
+            "selfextend: disabling sliding_window=%s (it applies to every layer and would hide the keys grouped "
+            "attention reads); remove() restores it.",
+            model.config.sliding_window,
+        )
+        model.config.sliding_window = None
+    elif state.config.group_size == 1 and state.changed_sliding_window:
+        model.config.sliding_window = state.original_sliding_window
+        state.changed_sliding_window = False
+
+
 def apply(
     model: torch.nn.Module,
     group_size: int | None = None,
@@ -107,6 +127,7 @@ def apply(
     state: ModelState | None = getattr(model, _STATE_ATTR, None)
     if state is not None:
         state.config = cfg
+        _toggle_sliding_window(model, state)
         for layer in state.layer_modules:
             layer.selfextend_layer.store.clear()
         logger.info("selfextend: settings changed: %s", cfg.describe())
@@ -115,19 +136,6 @@ def apply(
     register()
     original = model.config._attn_implementation or "eager"
     state = ModelState(config=cfg, original_implementation=original)
-    # A sliding window on *every* layer (Mistral v0.1, Phi-3 mini) would hide the far keys that grouped
-    # attention exists to read, so it is switched off, as the paper does for Mistral. Hybrid models
-    # (Gemma 2/3, Qwen with layer_types) keep their local layers vanilla instead.
-    layer_types = getattr(model.config, "layer_types", None)
-    if getattr(model.config, "sliding_window", None) is not None and not layer_types:
-        state.original_sliding_window = model.config.sliding_window
-        state.changed_sliding_window = True
-        logger.warning(
-            "selfextend: disabling sliding_window=%s (it applies to every layer and would hide the keys grouped "
-            "attention reads); remove() restores it.",
-            model.config.sliding_window,
-        )
-        model.config.sliding_window = None
     for layer in layers:
         layer.selfextend_layer = LayerState(
             model_state=state,
@@ -137,6 +145,7 @@ def apply(
         )
         state.layer_modules.append(layer)
     setattr(model, _STATE_ATTR, state)
+    _toggle_sliding_window(model, state)
     model.set_attn_implementation(ATTN_NAME)
     logger.info("selfextend: applied: %s", cfg.describe())
     return model
@@ -148,8 +157,8 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         return model
     model.set_attn_implementation(state.original_implementation)
-    if state.changed_sliding_window:
-        model.config.sliding_window = state.original_sliding_window
+    state.config = SelfExtendConfig(1, state.config.window, state.config.trained_length)
+    _toggle_sliding_window(model, state)
     for layer in state.layer_modules:
         del layer.selfextend_layer
     delattr(model, _STATE_ATTR)

@@ -5,7 +5,7 @@ grouped position ``j // G`` by one more rotation of ``j // G - j``. The attentio
 k after the model's own RoPE, so this is all SelfExtend needs, for any rope type: the deltas use the
 model's ``inv_freq`` *after* its rope-type adjustments (llama3, linear, yarn frequencies) and *without*
 the attention scaling that yarn/longrope fold into cos/sin (scaling is not a rotation and is already in
-q and k). Angles are computed in fp32 whatever the model dtype.
+q and k). Angles are computed in fp64 and products in fp32 whatever the model dtype.
 
 Layouts:
 * ``rotate_half`` (NeoX/Llama, what transformers uses for every supported family): channel ``c`` pairs
@@ -37,9 +37,11 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layo
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     half = inv_freq.numel()
     rd = 2 * half
-    angle = delta.to(torch.float32)[:, None, :, None] * inv_freq.to(device=x.device, dtype=torch.float32)
-    cos, sin = angle.cos(), angle.sin()  # (B, 1, T, rd/2)
-    xr = x[..., :rd].to(torch.float32)
+    work = torch.promote_types(x.dtype, torch.float32)
+    # angles in fp64: positions reach 1e5+ and an fp32 angle there is off by ~1e-2 rad
+    angle = delta.to(torch.float64)[:, None, :, None] * inv_freq.to(device=x.device, dtype=torch.float64)
+    cos, sin = angle.cos().to(work), angle.sin().to(work)  # (B, 1, T, rd/2)
+    xr = x[..., :rd].to(work)
     if layout == "rotate_half":
         x1, x2 = xr[..., :half], xr[..., half:]
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

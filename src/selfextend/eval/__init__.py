@@ -1,0 +1,1 @@
+"""Evaluation tasks: offline, seeded generators plus string-matching scorers."""

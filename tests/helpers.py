@@ -1,0 +1,38 @@
+"""Random SelfExtendInputs for backend tests, built through the same position/rotation code as the model path."""
+
+from __future__ import annotations
+
+import torch
+
+from selfextend.backends import SelfExtendInputs
+from selfextend.positions import grouped_key_positions, grouped_query_positions, key_positions
+from selfextend.rope import rotate_by
+
+
+def make_inputs(
+    bsz=1, heads=4, kv_heads=2, kv_len=100, dim=16, window=8, group=2, q_len=None, key_valid=None,
+    dtype=torch.float32, softcap=None, seed=0,
+) -> SelfExtendInputs:
+    g = torch.Generator().manual_seed(seed)
+    q_len = q_len or kv_len
+    q_start = kv_len - q_len
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim - dim % 2, 2).float() / dim))  # odd dims: last channel passes
+    q = (torch.randn(bsz, heads, q_len, dim, generator=g) * 2).to(dtype)
+    k = (torch.randn(bsz, kv_heads, kv_len, dim, generator=g) * 2).to(dtype)
+    v = torch.randn(bsz, kv_heads, kv_len, dim, generator=g).to(dtype)
+    if key_valid is None:
+        q_pos = (q_start + torch.arange(q_len))[None].expand(bsz, -1)
+    else:
+        q_pos = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
+    k_pos, _ = key_positions(q_pos, key_valid, q_start, kv_len)
+    qg = rotate_by(q, grouped_query_positions(q_pos, group, window) - q_pos, inv_freq)
+    kg = rotate_by(k, grouped_key_positions(k_pos, group) - k_pos, inv_freq)
+    return SelfExtendInputs(q, k, v, qg, kg, q_pos, k_pos, key_valid, q_start, window, dim**-0.5, softcap)
+
+
+def real_rows(out: torch.Tensor, inp: SelfExtendInputs) -> torch.Tensor:
+    """Zero the rows of padding queries (their value is a convention, not a result)."""
+    if inp.key_valid is None:
+        return out
+    qv = inp.key_valid[:, inp.q_start :]
+    return out * qv[:, None, :, None]

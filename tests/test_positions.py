@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from selfextend.positions import (
+    grouped_key_positions,
+    grouped_query_positions,
+    key_positions,
+    max_reach,
+    recommended_group_size,
+    smallest_group_size,
+)
+
+
+def test_grouped_positions_by_hand():
+    pos = torch.arange(12)
+    # G=4, W=8: query i -> i//4 + 8 - 2; key j -> j//4
+    assert grouped_query_positions(pos, 4, 8).tolist() == [6, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 8]
+    assert grouped_key_positions(pos, 4).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_grouped_distance_is_continuous_at_the_window():
+    G, W = 4, 8
+    for i in range(W, 200):
+        j = i - W  # first grouped key
+        d = int(grouped_query_positions(torch.tensor(i), G, W) - grouped_key_positions(torch.tensor(j), G))
+        assert W - G < d <= W + 1
+
+
+def test_integer_shift_when_window_not_multiple_of_group():
+    # the official code's float W - W/G gave 1024 - 204.8; ours is integer and identical in every path
+    pos = torch.tensor([5000])
+    assert grouped_query_positions(pos, 5, 1024).item() == 5000 // 5 + 1024 - 1024 // 5
+
+
+def test_reach_and_group_size_rules():
+    assert max_reach(8192, 1024, 4) == 29696
+    assert max_reach(4096, 1024, 4) == 13312
+    assert smallest_group_size(32768, 4096, 1024) == 11
+    assert max_reach(4096, 1024, smallest_group_size(32768, 4096, 1024)) >= 32768
+    assert smallest_group_size(4000, 4096, 1024) == 1
+    # authors' rule: W + (N - W) / G <= 2/3 L; 16k on an 8k model with W=1024 -> G = 4
+    assert recommended_group_size(16384, 8192, 1024) == 4
+    assert recommended_group_size(8000, 8192, 1024) == 1
+
+
+def test_key_positions_no_padding_chunk():
+    q_pos = torch.tensor([[5, 6, 7]])
+    k_pos, q_valid = key_positions(q_pos, None, q_start=5, kv_len=8)
+    assert k_pos.tolist() == [list(range(8))] and q_valid is None
+
+
+def test_key_positions_left_padding_like_generate():
+    valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    q_pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # what generate() passes
+    k_pos, q_valid = key_positions(q_pos, valid, q_start=0, kv_len=5)
+    assert k_pos.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert q_valid.tolist() == valid.tolist()
+    # decode step: one new token per row
+    valid2 = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], 1)
+    k_pos2, _ = key_positions(torch.tensor([[3], [5]]), valid2, q_start=5, kv_len=6)
+    assert k_pos2.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+
+
+def test_key_positions_rejects_packed_sequences():
+    with pytest.raises(ValueError, match="position_ids must count the non-padding tokens"):
+        key_positions(torch.tensor([[0, 1, 2, 0, 1, 2]]), None, q_start=0, kv_len=6)

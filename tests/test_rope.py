@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from selfextend.rope import apply_rope, rotate_by
+
+
+@pytest.mark.parametrize("layout", ["rotate_half", "interleaved"])
+@pytest.mark.parametrize("rotary_dims", [16, 8])  # 8 of 16 channels = partial rotary (Phi)
+def test_rotation_composes(layout, rotary_dims):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 16, dtype=torch.float64)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dims, 2).double() / rotary_dims))
+    a = torch.randint(0, 5000, (2, 7))
+    b = torch.randint(-3000, 3000, (2, 7))
+    once = apply_rope(x, a + b, inv_freq, layout)
+    twice = rotate_by(apply_rope(x, a, inv_freq, layout), b, inv_freq, layout)
+    assert torch.allclose(once.double(), twice.double(), atol=1e-4)
+    if rotary_dims < 16:
+        assert torch.equal(twice[..., rotary_dims:], x[..., rotary_dims:])
+
+
+def test_rotation_matches_transformers_llama():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 8)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    pos = torch.arange(100, 105)[None]
+    emb = torch.cat([pos[..., None].float() * inv_freq] * 2, -1)
+    q_hf, _ = apply_rotary_pos_emb(x, x, emb.cos(), emb.sin())
+    assert torch.allclose(apply_rope(x, pos, inv_freq), q_hf, atol=1e-5)
+
+
+def test_zero_delta_is_identity():
+    x = torch.randn(1, 2, 5, 8)
+    inv_freq = torch.rand(4)
+    assert torch.equal(rotate_by(x, torch.zeros(1, 5, dtype=torch.long), inv_freq), x)
