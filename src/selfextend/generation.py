@@ -20,7 +20,10 @@ def layer_progress(model: torch.nn.Module, desc: str = "prefill", enabled: bool 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(layers[0]), desc=desc, unit="layer", leave=False)
-    handles = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers[0]]
+    def tick(*_) -> None:  # a forward hook must return None, or it replaces the layer's output
+        bar.update(1)
+
+    handles = [layer.register_forward_hook(tick) for layer in layers[0]]
     try:
         yield
     finally:

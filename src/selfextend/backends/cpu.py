@@ -124,6 +124,9 @@ class BlockwiseBackend(Backend):
     @staticmethod
     def _band_block(q, k, v, t0, window, scale, softcap):
         b = q.shape[2]
+        if b == 1:  # decode: the last W keys, no mask
+            ks = max(0, t0 - window + 1)
+            return attention_with_lse(q, k[:, :, ks : t0 + 1], v[:, :, ks : t0 + 1], scale, softcap=softcap)
         if b >= window:  # band narrower than the block: one masked call
             ks = max(0, t0 - window + 1)
             dist = (t0 + torch.arange(b, device=q.device))[:, None] - torch.arange(ks, t0 + b, device=q.device)[None, :]
@@ -144,7 +147,7 @@ class BlockwiseBackend(Backend):
                 q[:, :, lo : b - 1].flip(2), kt.flip(2), vt.flip(2), scale, causal=True, softcap=softcap
             )
             tri_out, tri_lse = merge_lse(out[:, :, lo : b - 1], lse[:, :, lo : b - 1], o.flip(2), l_.flip(2))
-            out = out.clone() if out.dtype == torch.float32 else out.to(torch.float32)
+            out = out.to(torch.float32)  # merged rows are fp32; out is a fresh tensor, safe to write into
             out[:, :, lo : b - 1], lse[:, :, lo : b - 1] = tri_out, tri_lse
             if lo > 0:  # rows 0..lo-1 see every existing column
                 o, l_ = attention_with_lse(q[:, :, :lo], kt, vt, scale, softcap=softcap)
