@@ -1,0 +1,1 @@
+"""Model-library integrations (transformers attention registry)."""
