@@ -73,6 +73,14 @@ class MaskSpec:
             mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
         return None if bool(mask.all()) else mask
 
+    def positions(self, query_pos: torch.Tensor, q_start: int, kv_len: int):
+        """``(key_valid, key_pos)`` for this forward, cached: every layer of a forward shares them."""
+        key = (q_start, kv_len, query_pos.data_ptr(), tuple(query_pos.shape))
+        if key not in self._materialized:
+            key_valid = self.key_valid(kv_len)
+            self._materialized[key] = (key_valid, key_positions(query_pos, key_valid, q_start, kv_len)[0])
+        return self._materialized[key]
+
     def materialize(self, implementation: str):
         """The mask the original ``implementation`` would have received (built once per forward)."""
         if implementation not in self._materialized:
@@ -173,17 +181,19 @@ def selfextend_attention_forward(
             "SelfExtend needs the 2D attention_mask (batch, length); got a prepared 4D mask. "
             "Pass attention_mask as returned by the tokenizer."
         )
-    key_valid = spec.key_valid(kv_len) if spec is not None else None
-    key_pos, _ = key_positions(query_pos, key_valid, q_start, kv_len)
+    if spec is not None:  # the same for every layer of this forward: computed once
+        key_valid, key_pos = spec.positions(query_pos, q_start, kv_len)
+    else:
+        key_valid = None
+        key_pos, _ = key_positions(query_pos, None, q_start, kv_len)
 
     G, W = cfg.group_size, cfg.window
     inv_freq = layer.inv_freq()
     grouped_query = rotate_by(query, grouped_query_positions(query_pos, G, W) - query_pos, inv_freq, layer.layout)
     written = q_start + q_len
-    key_delta = grouped_key_positions(key_pos, G) - key_pos
-
-    def rotate(keys: torch.Tensor, start: int) -> torch.Tensor:
-        return rotate_by(keys, key_delta[:, start : start + keys.shape[2]], inv_freq, layer.layout)
+    def rotate(keys: torch.Tensor, start: int) -> torch.Tensor:  # only the keys not yet in the store
+        pos = key_pos[:, start : start + keys.shape[2]]
+        return rotate_by(keys, grouped_key_positions(pos, G) - pos, inv_freq, layer.layout)
 
     grouped_key = layer.store.grouped_keys(key, written, keep=q_start > 0, rotate=rotate)
     inputs = SelfExtendInputs(
