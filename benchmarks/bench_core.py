@@ -229,7 +229,7 @@ def main() -> None:
                 _append(args.out, row)
                 done.append(row)
                 print(f"passkey {method} depth {depth}: {row['answer']!r} correct={row['correct']}", file=sys.stderr)
-    report(done, args.length if "speed" in parts or "ppl" in parts else args.length)
+    report(done, args.length)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ def _valid_ranges(inp: SelfExtendInputs) -> list[tuple[int, int]] | None:
     return [(int(f), int(la)) for f, la in zip(first.tolist(), last.tolist(), strict=True)]
 
 
+def _query_range(inp: SelfExtendInputs, first: int, last: int) -> tuple[int, int]:
+    """Query indices [q_first, q_last] whose own token lies in the real key range [first, last]."""
+    return max(first, inp.q_start) - inp.q_start, last - inp.q_start
+
+
 class BlockwiseBackend(Backend):
     """The default backend: exact, memory-linear, at the cost of about one causal attention pass."""
 
@@ -63,8 +68,7 @@ class BlockwiseBackend(Backend):
             return self._unpadded(inp, slice(None), first, last)
         out = inp.query.new_zeros(bsz, heads, q_len, inp.value.shape[-1])
         for b, (first, last) in enumerate(ranges):
-            q_first = max(first, inp.q_start) - inp.q_start
-            q_last = last - inp.q_start
+            q_first, q_last = _query_range(inp, first, last)
             if last < first or q_last < q_first:  # no real query in this row
                 continue
             out[b : b + 1, :, q_first : q_last + 1] = self._unpadded(inp, slice(b, b + 1), first, last)
@@ -72,8 +76,7 @@ class BlockwiseBackend(Backend):
 
     def _unpadded(self, inp: SelfExtendInputs, rows: slice, first: int, last: int) -> torch.Tensor:
         """SelfExtend for rows whose real keys are ``[first, last]`` and whose real queries end at ``last``."""
-        q_first = max(first, inp.q_start) - inp.q_start
-        q_last = last - inp.q_start
+        q_first, q_last = _query_range(inp, first, last)
         q = inp.query[rows, :, q_first : q_last + 1]
         qg = inp.grouped_query[rows, :, q_first : q_last + 1]
         k = inp.key[rows, :, first : last + 1]

@@ -75,7 +75,7 @@ class MaskSpec:
 
     def positions(self, query_pos: torch.Tensor, q_start: int, kv_len: int):
         """``(key_valid, key_pos)`` for this forward, cached: every layer of a forward shares them."""
-        key = (q_start, kv_len, query_pos.data_ptr(), tuple(query_pos.shape))
+        key = (q_start, kv_len)  # one spec per forward, so one set of position_ids
         if key not in self._materialized:
             key_valid = self.key_valid(kv_len)
             self._materialized[key] = (key_valid, key_positions(query_pos, key_valid, q_start, kv_len)[0])
