@@ -118,13 +118,13 @@ def ppl_rows(method: str, length: int, threads: int) -> list[dict]:
 
 @torch.no_grad()
 def passkey_rows(model, tok, method: str, length: int, depth: float) -> dict:
-    from selfextend.eval.passkey import make_passkey, score_passkey
+    from selfextend.tasks.passkey import make_passkey, score_passkey
     from selfextend.generation import greedy_answer
 
     sample = make_passkey(tok, length, depth, seed=0)
     ans = greedy_answer(model, tok, sample.prompt, max_new_tokens=8, progress=False)
-    return dict(part="passkey", method=method, length=sample.n_tokens, depth=depth, passkey=sample.passkey,
-                answer=ans.text, correct=score_passkey(ans.text, sample.passkey), prefill_s=ans.prefill_seconds)
+    return dict(part="passkey", method=method, length=sample.n_tokens, depth=depth, passkey=sample.expected[0],
+                answer=ans.text, correct=score_passkey(ans.text, sample.expected[0]), prefill_s=ans.prefill_seconds)
 
 
 def _done(out: Path) -> list[dict]:

@@ -88,13 +88,13 @@ def cmd_ask(args) -> int:
 def cmd_demo(args) -> int:
     import selfextend
 
-    from .eval.passkey import make_passkey, score_passkey
     from .generation import greedy_answer
+    from .tasks.passkey import make_passkey, score_passkey
 
     model, tokenizer = _load(args)
     sample = make_passkey(tokenizer, args.length, args.depth, seed=args.seed)
     L = model.config.max_position_embeddings
-    print(f"passkey haystack: {sample.n_tokens} tokens (trained context {L}), key {sample.passkey} at depth {sample.depth}")
+    print(f"passkey haystack: {sample.n_tokens} tokens (trained context {L}), key {sample.expected[0]} at depth {sample.depth}")
     rows = []
     for label in ("vanilla", f"SelfExtend G={DEMO_GROUP} W={DEMO_WINDOW}"):
         if label == "vanilla":
@@ -103,11 +103,11 @@ def cmd_demo(args) -> int:
             selfextend.apply(model, group_size=DEMO_GROUP, window=DEMO_WINDOW)
         t = time.perf_counter()
         ans = greedy_answer(model, tokenizer, sample.prompt, max_new_tokens=8)
-        ok = score_passkey(ans.text, sample.passkey)
+        ok = score_passkey(ans.text, sample.expected[0])
         rows.append((label, ans, ok, time.perf_counter() - t))
         print(f"  {label:<24} answer {ans.text.strip()!r:<28} {'RIGHT' if ok else 'wrong'}  "
               f"prefill {ans.prefill_seconds:.1f} s, decode {ans.tokens_per_second:.1f} tokens/s")
-    print(f"\nexpected {sample.passkey}; length {sample.n_tokens} tokens; depth {sample.depth}")
+    print(f"\nexpected {sample.expected[0]}; length {sample.n_tokens} tokens; depth {sample.depth}")
     van, se = rows[0], rows[1]
     print(f"prefill time SelfExtend / vanilla: {se[1].prefill_seconds / van[1].prefill_seconds:.2f}x")
     return 0

@@ -1,1 +1,0 @@
-"""Evaluation tasks: offline, seeded generators plus string-matching scorers."""

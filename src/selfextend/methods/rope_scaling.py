@@ -1,0 +1,148 @@
+"""RoPE-scaling methods built on transformers' own ``rope_parameters`` types (``modeling_rope_utils``).
+
+Each method writes a ``rope_parameters`` dict into a copy of the model config and rebuilds the model's rotary
+embedding module from it, so the frequencies and the attention factor are exactly what transformers computes
+for a model shipped with that scaling. ``remove`` puts the original module back. One small function per method
+turns ``(factor, params)`` into ``rope_parameters`` (the ``modeling_rope_utils`` style).
+
+Scale factor: ``s = target_length / L`` when derived, never below 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..integrations.model_info import check_model, rotary_embedding
+from .base import ActiveMethod, Method, Param, check_number, trained_length
+
+
+def _linear(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
+    """Position interpolation: every frequency divided by ``factor``."""
+    return {**base, "rope_type": "linear", "factor": factor}, L
+
+
+def _ntk(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
+    """Static NTK-aware scaling: ``theta' = theta * s ** (D / (D - 2))`` (no built-in type in transformers 5)."""
+    dim = params["_rotary_dim"]
+    theta = base["rope_theta"] * factor ** (dim / (dim - 2))
+    return {**base, "rope_type": "default", "rope_theta": theta}, L
+
+
+def _dynamic(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
+    """Dynamic NTK: the base grows with the current length past ``L`` (transformers' ``dynamic``)."""
+    return {**base, "rope_type": "dynamic", "factor": factor}, L
+
+
+def _yarn(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
+    """YaRN: per-dimension ramp between interpolation and extrapolation, plus the logit temperature."""
+    out = {**base, "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": L}
+    for key in ("attention_factor", "beta_fast", "beta_slow"):
+        if params.get(key) is not None:
+            out[key] = params[key]
+    return out, int(math.ceil(L * factor))
+
+
+class RopeScaling(Method):
+    """Shared resolve/attach/detach; subclasses set ``rope_fn`` and their extra parameters."""
+
+    rope_fn: Callable[[dict, float, int, dict], tuple[dict, int]]
+    bounded = True  # False for dynamic NTK, which rescales itself with the length
+    params = (
+        Param("factor", float, None, "scale s >= 1 (default: target_length / trained length)"),
+        Param("trained_length", int, None, "override the trained context L"),
+    )
+
+    def resolve(self, model, target_length, params):
+        self.check_params(params)
+        L = trained_length(model, params)
+        factor = params.get("factor")
+        if factor is None:
+            if target_length is None:
+                raise ValueError(f"method {self.name!r} needs factor=<scale >= 1> or target_length=<tokens to read>.")
+            factor = max(1.0, target_length / L)
+        check_number("factor", factor, minimum=1.0, fix="factor=1 is vanilla; use factor = target_length / L")
+        out = {k: v for k, v in params.items() if v is not None}
+        out.update(factor=float(factor), trained_length=L)
+        if target_length is not None and self.bounded and target_length > self.reach(model, out):
+            raise ValueError(
+                f"target_length={target_length} exceeds the reach {self.reach(model, out)} of {self.name} with "
+                f"factor={factor} (L={L}); set factor >= {target_length / L:.3f}."
+            )
+        return out
+
+    def reach(self, model, params):
+        return int(math.floor(params["trained_length"] * params["factor"])) if self.bounded else None
+
+    def attach(self, model, params, previous):
+        check_model(model, self.name)
+        if previous is not None:  # settings change: rebuild from the original module
+            self.detach(model, previous)
+        name, rotary = rotary_embedding(model)
+        config = copy.deepcopy(rotary.config if hasattr(rotary, "config") else model.config)
+        base = dict(config.rope_parameters or {})
+        if any(isinstance(v, dict) for v in base.values()):
+            raise ValueError(
+                f"{self.name} supports models with one rope_parameters set; this model has one per layer type "
+                f"({', '.join(base)}). Use method='self-extend' for hybrid models."
+            )
+        if base.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"the model already uses rope_type={base['rope_type']!r}; {self.name} rescales plain RoPE only "
+                "(stacking two scalings is not what either was tuned for). Use method='self-extend'."
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        extra = {**params, "_rotary_dim": int(head_dim * base.get("partial_rotary_factor", 1.0))}
+        rope_parameters, max_positions = type(self).rope_fn(base, params["factor"], params["trained_length"], extra)
+        config.rope_parameters = rope_parameters
+        config.max_position_embeddings = max_positions
+        device = next(iter(rotary.buffers())).device
+        new = type(rotary)(config).to(device)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+        return ActiveMethod(self.name, params, {"module": (parent, attr, rotary)})
+
+    def detach(self, model, active):
+        parent, attr, original = active.data["module"]
+        setattr(parent, attr, original)
+
+
+class Linear(RopeScaling):
+    name = "linear"
+    summary = "position interpolation (transformers rope_type 'linear'): frequencies / factor"
+    rope_fn = staticmethod(_linear)
+
+
+class NTK(RopeScaling):
+    name = "ntk"
+    summary = "static NTK-aware scaling: rope_theta * factor ** (D / (D - 2))"
+    rope_fn = staticmethod(_ntk)
+
+
+class DynamicNTK(RopeScaling):
+    name = "dynamic-ntk"
+    summary = "dynamic NTK (rope_type 'dynamic'): the base grows with the current length past L"
+    rope_fn = staticmethod(_dynamic)
+    bounded = False
+
+
+class YaRN(RopeScaling):
+    name = "yarn"
+    summary = "YaRN (rope_type 'yarn'): NTK-by-parts frequencies and attention temperature 0.1 ln(s) + 1"
+    rope_fn = staticmethod(_yarn)
+    params = RopeScaling.params + (
+        Param("attention_factor", float, None, "cos/sin multiplier (logits get its square); default 0.1 ln(s) + 1"),
+        Param("beta_fast", float, None, "ramp boundary for extrapolation (default 32)"),
+        Param("beta_slow", float, None, "ramp boundary for interpolation (default 1)"),
+    )
+
+
+def current_inv_freq(model: torch.nn.Module) -> torch.Tensor:
+    """The frequencies the model uses now (for tests and reports)."""
+    return rotary_embedding(model)[1].inv_freq
+
+

@@ -1,0 +1,162 @@
+"""The methods API: every method applies, derives its parameters, validates them, and ``remove`` restores."""
+
+import math
+
+import pytest
+import torch
+from conftest import TRAINED, build_model
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import selfextend
+from selfextend.methods import METHODS, truncate_ids
+from selfextend.methods.rope_scaling import current_inv_freq
+
+N = 150
+
+
+def ids(n=N, seed=1):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model(x).logits
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_runs_and_remove_restores(method):
+    model = build_model("llama")
+    x = ids()
+    vanilla = logits(model, x)
+    selfextend.apply(model, method=method, target_length=N)
+    out = logits(model, x)
+    assert torch.isfinite(out).all()
+    assert selfextend.active(model).name == method
+    if method in ("linear", "ntk", "dynamic-ntk", "yarn", "self-extend"):
+        assert not torch.allclose(out, vanilla)  # past the trained length every extension changes the logits
+    selfextend.remove(model)
+    assert selfextend.active(model) is None
+    assert torch.equal(logits(model, x), vanilla)
+
+
+def test_switching_methods_removes_the_previous_one():
+    model = build_model("llama")
+    x = ids()
+    vanilla = logits(model, x)
+    selfextend.apply(model, group_size=3, window=16)
+    selfextend.apply(model, method="yarn", target_length=N)
+    yarn = logits(model, x)
+    assert model.config._attn_implementation == "sdpa"  # SelfExtend's attention is gone
+    fresh = build_model("llama")
+    selfextend.apply(fresh, method="yarn", target_length=N)
+    assert torch.equal(yarn, logits(fresh, x))
+    selfextend.apply(model, method="vanilla")
+    assert torch.equal(logits(model, x), vanilla)
+
+
+def _reference_inv_freq(model, rope_parameters, max_positions):
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = rope_parameters
+    config.max_position_embeddings = max_positions
+    return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, None)
+
+
+def test_rope_methods_use_transformers_formulas():
+    model = build_model("llama")
+    theta = model.config.rope_parameters["rope_theta"]
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    base = current_inv_freq(model).clone()
+
+    selfextend.apply(model, method="linear", factor=2.5)
+    assert torch.allclose(current_inv_freq(model), base / 2.5)
+
+    selfextend.apply(model, method="ntk", factor=4.0)
+    ntk_theta = theta * 4.0 ** (dim / (dim - 2))
+    assert torch.allclose(current_inv_freq(model), 1.0 / ntk_theta ** (torch.arange(0, dim, 2).float() / dim))
+
+    selfextend.apply(model, method="yarn", factor=4.0)
+    expected, attention_factor = _reference_inv_freq(
+        model, {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0, "original_max_position_embeddings": TRAINED},
+        4 * TRAINED)
+    rotary = selfextend.integrations.model_info.rotary_embedding(model)[1]
+    assert torch.allclose(current_inv_freq(model), expected)
+    assert rotary.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    assert attention_factor == pytest.approx(rotary.attention_scaling)
+
+    selfextend.remove(model)
+    assert torch.equal(current_inv_freq(model), base)
+
+
+def test_dynamic_ntk_is_vanilla_within_the_trained_length():
+    model = build_model("llama")
+    x = ids(TRAINED)
+    vanilla = logits(model, x)
+    selfextend.apply(model, method="dynamic-ntk", factor=4.0)
+    assert torch.equal(logits(model, x), vanilla)
+
+
+def test_derived_parameters_follow_target_length():
+    model = build_model("llama")
+    selfextend.apply(model, method="linear", target_length=4 * TRAINED)
+    assert selfextend.active(model).params["factor"] == 4.0
+    assert selfextend.max_length(model) == 4 * TRAINED
+    selfextend.apply(model, method="self-extend", target_length=4 * TRAINED)
+    assert selfextend.max_length(model) >= 4 * TRAINED
+    selfextend.apply(model, method="truncate")
+    assert selfextend.active(model).params["keep"] == TRAINED - TRAINED // 8
+
+
+def test_truncate_keeps_the_last_tokens():
+    model = build_model("llama")
+    selfextend.apply(model, method="truncate", keep=40)
+    x = ids(100)
+    mask = torch.ones_like(x)
+    cut, cut_mask = truncate_ids(model, x, mask)
+    assert torch.equal(cut, x[:, -40:]) and cut_mask.shape == (1, 40)
+    selfextend.remove(model)
+    assert truncate_ids(model, x)[0] is x
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="nope"), "unknown method 'nope'"),
+        (dict(method="linear"), "needs factor"),
+        (dict(method="linear", factor=0.5), "factor must be >= 1.0"),
+        (dict(method="yarn", factor="2"), "factor must be a number"),
+        (dict(method="linear", factor=2.0, target_length=10 * TRAINED), "set factor >= 10.000"),
+        (dict(method="yarn", foo=1), "has no parameter 'foo'"),
+        (dict(method="yarn", group_size=4), "group_size/window are SelfExtend parameters"),
+        (dict(method="truncate", keep=10 * TRAINED), "exceeds the trained length"),
+        (dict(method="self-extend", group_size=2, window=16, target_length=10_000), "exceeds the reach"),
+    ],
+)
+def test_bad_parameters_are_refused_and_leave_the_model_alone(kwargs, message):
+    model = build_model("llama")
+    x = ids()
+    vanilla = logits(model, x)
+    with pytest.raises((ValueError, TypeError), match=message):
+        selfextend.apply(model, **kwargs)
+    assert selfextend.active(model) is None
+    assert torch.equal(logits(model, x), vanilla)
+
+
+def test_rope_methods_refuse_an_already_scaled_model():
+    model = build_model("llama3")
+    with pytest.raises(ValueError, match="already uses rope_type='llama3'"):
+        selfextend.apply(model, method="yarn", factor=2.0)
+    assert selfextend.active(model) is None
+
+
+def test_tuned_settings_are_reused(tmp_path, monkeypatch):
+    from selfextend.tuning import save_tuned
+
+    monkeypatch.setenv("SELFEXTEND_TUNED", str(tmp_path / "tuned.json"))
+    model = build_model("llama")
+    save_tuned(model, 4 * TRAINED, {"group_size": 5, "window": 8}, {"score": 1.0})
+    selfextend.apply(model, target_length=N)
+    assert (selfextend.settings(model).group_size, selfextend.settings(model).window) == (5, 8)
+    selfextend.apply(model, target_length=10 * TRAINED)  # longer than anything tuned: the authors' rule
+    assert selfextend.settings(model).window != 8 or selfextend.settings(model).group_size != 5
