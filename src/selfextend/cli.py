@@ -113,6 +113,65 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for method in METHODS.values():
+        print(f"{method.name:<12} {method.summary}")
+        for p in method.params:
+            default = "derived" if p.default is None else repr(p.default)
+            print(f"    {p.name:<18} {p.type.__name__:<6} default {default:<8} {p.help}")
+    print("\nselect with --methods NAME or NAME:key=value:key=value, e.g. self-extend:G=4:W=1024, yarn:factor=4")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .harness.report import markdown, plot, write_results
+    from .harness.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    methods = [parse_method(m) for m in args.methods.split(",") if m.strip()]
+    lengths = [parse_length(n) for n in args.lengths.split(",") if n.strip()]
+    task_args = {}
+    if task.kind == "ppl":
+        task_args = {"corpus": args.corpus, "mode": args.mode, "bucket": args.bucket}
+        if args.mode == "sliding":
+            task_args.update(window=args.window, stride=args.stride)
+    config = EvalConfig(args.task, methods, lengths, parse_depths(args.depths), args.samples, args.seed, task_args,
+                        args.model or "embedded:SmolLM2-135M-Instruct", args.dtype)
+    model, tokenizer = _load(args)
+    run_eval(model, tokenizer, config, args.out)
+    result = write_results(args.out, args.task, config={
+        "task": args.task, "methods": [m.label for m in methods], "lengths": lengths, "depths": config.depths,
+        "samples": args.samples, "seed": args.seed, "task_args": task_args, "model": config.model_name,
+        "dtype": args.dtype, "threads": torch.get_num_threads()})
+    print(markdown(result, args.task))
+    if not args.no_plots:
+        try:
+            for path in plot(args.out, args.task, result):
+                print(f"wrote {path}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"no plots: {exc}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .harness.report import report
+
+    print(report(args.dir, args.task, plots=not args.no_plots))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .harness.tune import tune
+
+    model, tokenizer = _load(args)
+    tune(model, tokenizer, args.target_length, budget_minutes=args.budget_minutes, depths=args.depths,
+         seed=args.seed, out=args.out, save=not args.no_save)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backends import available_backends
 
@@ -148,12 +207,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=float, default=DEMO_DEPTH)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the context-extension methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("eval", help="run a task over methods x lengths x depths; resumable JSONL, tables, plots")
+    common(p)
+    p.add_argument("task", help="passkey, niah, niah_single, ..., ppl (see selfextend.tasks.TASKS)")
+    p.add_argument("--methods", default="vanilla,self-extend", help="comma list; NAME or NAME:key=value:...")
+    p.add_argument("--lengths", default="4k,8k,16k", help="comma list of lengths in tokens (4k = 4096)")
+    p.add_argument("--depths", default="5", help="a count (evenly 0.05..0.95) or a comma list of fractions")
+    p.add_argument("--samples", type=int, default=1, help="samples per cell (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="results directory; re-running with it resumes")
+    p.add_argument("--corpus", default="pydoc", help="ppl: pydoc, stdlib, essays or a text file path")
+    p.add_argument("--mode", default="single-pass", choices=["single-pass", "sliding"], help="ppl mode")
+    p.add_argument("--bucket", type=int, default=2048, help="ppl: tokens per position bucket")
+    p.add_argument("--window", type=int, default=None, help="ppl sliding: window tokens")
+    p.add_argument("--stride", type=int, default=None, help="ppl sliding: stride tokens")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="re-render tables and plots from a results directory")
+    p.add_argument("dir")
+    p.add_argument("--task", action="append", default=None, help="only these tasks (default: every samples file)")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tune", help="pick group_size and window for a model and length from a seeded sweep")
+    common(p)
+    p.add_argument("--target-length", type=int, required=True)
+    p.add_argument("--budget-minutes", type=float, default=30.0)
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="passkey probe depths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the sweep rows (JSONL) and table here")
+    p.add_argument("--no-save", action="store_true", help="do not save the winner for apply(target_length=...)")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)

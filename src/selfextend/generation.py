@@ -39,6 +39,7 @@ class Answer:
     prefill_seconds: float
     new_tokens: int
     decode_seconds: float
+    kept_tokens: int = -1  # tokens the model read (fewer than prompt_tokens under ``truncate``)
 
     @property
     def tokens_per_second(self) -> float:
@@ -48,7 +49,10 @@ class Answer:
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 16, progress: bool = True, stream=None) -> Answer:
     """Prefill ``prompt`` once (progress bar), then decode greedily with the KV cache, streaming text to ``stream``."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    from .methods import truncate_ids
+
+    full = tokenizer(prompt, return_tensors="pt").input_ids
+    ids, _ = truncate_ids(model, full)
     eos = tokenizer.eos_token_id
     t0 = time.perf_counter()
     with layer_progress(model, f"prefill {ids.shape[1]} tokens", progress):
@@ -75,4 +79,4 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 16, progr
         cache = out.past_key_values
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     decode = time.perf_counter() - t1
-    return Answer(text, ids.shape[1], prefill, len(generated), decode)
+    return Answer(text, full.shape[1], prefill, len(generated), decode, ids.shape[1])

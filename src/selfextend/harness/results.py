@@ -1,0 +1,85 @@
+"""Results on disk: one JSONL row per sample, appended and flushed as it is made, so a crash or Ctrl-C loses
+nothing written; a resumed run skips rows already there. Corrupt lines (a write cut short) are skipped and
+reported, never fatal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("selfextend")
+
+SAMPLES_FILE = "samples_{task}.jsonl"
+RESULTS_FILE = "results_{task}.json"
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What identifies a sample across runs: task, method label, length, depth and sample index."""
+    depth = row.get("depth")
+    return (row["task"], row["method"], int(row["length"]), None if depth is None else round(float(depth), 6),
+            int(row["sample"]))
+
+
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """All parsable rows, and the line numbers of the corrupt ones."""
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    if not path.exists():
+        return rows, bad
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_key(row)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                bad.append(lineno)
+                continue
+            rows.append(row)
+    if bad:
+        logger.warning("selfextend: skipped %d corrupt line(s) in %s (lines %s); they will be re-run",
+                       len(bad), path, ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else ""))
+    return rows, bad
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """One row per key (the last one written wins)."""
+    return {row_key(r): r for r in rows}
+
+
+class SampleWriter:
+    """Appends rows to the samples file; each row is flushed and fsynced before the next sample starts."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._repair_tail()
+        self._f = path.open("a", encoding="utf-8")
+
+    def _repair_tail(self) -> None:
+        """A crash mid-write can leave a last line without its newline: end it so the next row starts clean."""
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+            if last != b"\n":
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write("\n")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row, sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SampleWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,195 @@
+"""Run one task over methods x lengths x depths x samples on one model, resumably.
+
+Loop order is lengths, then methods, then depths and samples: a run cut short still leaves complete
+method-by-method comparisons for the lengths it reached. Each sample's prompt is generated once and reused by
+every method, so all methods answer exactly the same prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import api
+from ..methods import get_method
+from ..tasks import Sample, get_task
+from .results import SAMPLES_FILE, SampleWriter, latest_rows, read_rows, row_key
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """``name`` or ``name:key=value:key=value`` (e.g. ``self-extend:group_size=4:window=1024``)."""
+
+    label: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+ALIASES = {"G": "group_size", "W": "window"}
+
+
+def parse_method(spec: str) -> MethodSpec:
+    name, *pairs = spec.strip().split(":")
+    method = get_method(name)
+    types = {p.name: p.type for p in method.params}
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"method spec {spec!r}: expected key=value after ':', got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = ALIASES.get(key, key)
+        if key not in types:
+            raise ValueError(f"method {name!r} has no parameter {key!r}; its parameters: {', '.join(types)}")
+        kind = types[key]
+        if kind is bool:
+            params[key] = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                params[key] = kind(value)
+            except ValueError as exc:
+                raise ValueError(f"method spec {spec!r}: {key}={value!r} is not a {kind.__name__}") from exc
+    return MethodSpec(spec.strip(), name, params)
+
+
+def parse_length(text: str) -> int:
+    """``4k`` = 4096 tokens, ``16k`` = 16384, or a plain integer."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kK]?)\s*", text)
+    if not m:
+        raise ValueError(f"bad length {text!r}: use tokens like 16384 or 16k")
+    value = float(m.group(1)) * (1024 if m.group(2) else 1)
+    if value < 1 or value != int(value):
+        raise ValueError(f"bad length {text!r}: must be a positive whole number of tokens")
+    return int(value)
+
+
+def parse_depths(text: str) -> list[float]:
+    """An integer n: n depths evenly spaced from 0.05 to 0.95; else a comma list of fractions."""
+    text = str(text).strip()
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if n < 1:
+            raise ValueError("--depths must be >= 1")
+        return [0.5] if n == 1 else [round(0.05 + 0.9 * i / (n - 1), 4) for i in range(n)]
+    depths = [float(d) for d in text.split(",") if d.strip()]
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"bad depths {text!r}: fractions in [0, 1], e.g. 0.05,0.5,0.95, or a count like 5")
+    return depths
+
+
+def json_safe(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sorted(params.items()) if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    methods: list[MethodSpec]
+    lengths: list[int]
+    depths: list[float] | None = None
+    samples: int = 1
+    seed: int = 0
+    task_args: dict[str, Any] = field(default_factory=dict)  # ppl: corpus, mode, bucket, window, stride
+    model_name: str = ""
+    dtype: str = "float32"
+
+
+def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, Any]]:
+    """Resolve every (method, length) before running anything, so bad settings fail in seconds."""
+    resolved = {}
+    for spec in config.methods:
+        method = get_method(spec.name)
+        for length in config.lengths:
+            resolved[spec.label, length] = method.resolve(model, length, dict(spec.params))
+    return resolved
+
+
+def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
+    task = get_task(config.task)
+    depths: list[float | None] = list(config.depths or [0.5]) if task.uses_depth else [None]
+    return [(length, spec, depth, i) for length in config.lengths for spec in config.methods for depth in depths
+            for i in range(config.samples)]
+
+
+def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) the evaluation; returns every row of the samples file for this task."""
+    task = get_task(config.task)
+    out = Path(out_dir)
+    path = out / SAMPLES_FILE.format(task=config.task)
+    resolved = resolve_all(model, config)
+    if task.kind == "ppl":
+        from ..tasks.ppl import corpus_text
+
+        corpus_text(config.task_args.get("corpus", "pydoc"))  # a missing corpus fails before any model run
+    done = latest_rows(read_rows(path)[0])
+    cells = plan(config)
+    todo = [c for c in cells if _key(config, c) not in done]
+    prompts: dict[tuple, Sample] = {}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(c[0] for c in todo), unit="tok", unit_scale=True, disable=not progress,
+               desc=f"{config.task}: {len(todo)} samples ({len(cells) - len(todo)} done before)")
+    applied: tuple | None = None
+    try:
+        with SampleWriter(path) as writer:
+            for length, spec, depth, index in todo:
+                if applied != (spec.label, length):
+                    api.remove(model)
+                    api.apply(model, method=spec.name, **resolved[spec.label, length])
+                    applied = (spec.label, length)
+                bar.set_postfix_str(f"{spec.label} @ {length}" + ("" if depth is None else f" depth {depth}"))
+                seed = config.seed + index
+                row = {"task": config.task, "method": spec.label, "method_name": spec.name,
+                       "params": json_safe(resolved[spec.label, length]), "length": length, "depth": depth,
+                       "sample": index, "seed": seed, "model": config.model_name, "dtype": config.dtype}
+                t0 = time.perf_counter()
+                if task.kind == "ppl":
+                    keep = resolved[spec.label, length].get("keep") if spec.name == "truncate" else None
+                    row.update(task.evaluate(model, tokenizer, length, seed, keep=keep, **config.task_args))
+                    row["prompt_tokens"] = row.pop("n_tokens")
+                else:
+                    key = (length, depth, index)
+                    if key not in prompts:
+                        prompts[key] = task.make(tokenizer, length, depth, seed)
+                    sample = prompts[key]
+                    row.update(_answer(model, tokenizer, task, sample))
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                writer.write(row)
+                bar.update(length)
+    finally:
+        bar.close()
+        api.remove(model)
+    return read_rows(path)[0]
+
+
+def _key(config: EvalConfig, cell) -> tuple:
+    length, spec, depth, index = cell
+    return row_key({"task": config.task, "method": spec.label, "length": length, "depth": depth, "sample": index})
+
+
+def _answer(model, tokenizer, task, sample: Sample) -> dict[str, Any]:
+    from ..generation import greedy_answer
+
+    answer = greedy_answer(model, tokenizer, sample.prompt, max_new_tokens=task.max_new_tokens, progress=False)
+    score = task.score(answer.text, sample)
+    return {"prompt_tokens": sample.n_tokens, "kept_tokens": answer.kept_tokens, "prediction": answer.text,
+            "expected": sample.expected, "score": float(score), "prefill_seconds": round(answer.prefill_seconds, 3),
+            **({"needle_depth": sample.meta["needle_depth"]} if "needle_depth" in sample.meta else {})}
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {"selfextend": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
