@@ -1,0 +1,172 @@
+"""The evaluation harness end to end on a tiny random model with the real tokenizer: every task runs, writes
+JSONL, a results file and plots; resuming gives the uninterrupted summary; bad input gets clear errors."""
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from selfextend.harness import report as report_mod
+from selfextend.harness.results import SampleWriter
+from selfextend.harness.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
+from selfextend.methods import METHODS
+from selfextend.models import default_model_path
+from selfextend.tasks import TASKS, load_all
+
+TRAINED = 512
+LENGTHS = [600, 1100]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                  max_position_embeddings=TRAINED, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def all_methods():
+    return [parse_method(m) for m in METHODS]
+
+
+def comparable(summary):
+    """The summary without timings (which differ between runs)."""
+    out = json.loads(json.dumps(summary["results"]))
+    for method in out.values():
+        for cell in method.values():
+            cell.pop("seconds", None)
+    return out
+
+
+load_all()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_end_to_end(task, model, tokenizer, tmp_path):
+    config = EvalConfig(task, all_methods(), LENGTHS, [0.5], 1, 0, {"bucket": 256} if TASKS[task].kind == "ppl" else {})
+    rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
+    assert len(rows) == len(METHODS) * len(LENGTHS)
+    result = report_mod.write_results(tmp_path, task)
+    assert set(result["results"]) == set(METHODS)
+    assert (tmp_path / f"results_{task}.json").exists()
+    paths = report_mod.plot(tmp_path, task, result)
+    assert paths and all(p.stat().st_size > 1000 for p in paths)
+    for row in rows:
+        assert row["prompt_tokens"] == pytest.approx(row["length"], rel=0.01)
+        if row["method"] == "truncate" and "kept_tokens" in row:
+            assert row["kept_tokens"] <= TRAINED
+        if "score" in row:
+            assert 0.0 <= row["score"] <= 1.0 and {"prediction", "expected", "seconds", "params"} <= set(row)
+    table = report_mod.markdown(result, task)
+    assert all(m in table for m in METHODS)
+
+
+def test_resume_after_interruption_gives_the_same_summary(model, tokenizer, tmp_path, monkeypatch):
+    methods = [parse_method("vanilla"), parse_method("self-extend:G=4:W=64"), parse_method("truncate")]
+    config = EvalConfig("passkey", methods, LENGTHS, [0.1, 0.9], 1, 3)
+    run_eval(model, tokenizer, config, tmp_path / "full", progress=False)
+    full = report_mod.write_results(tmp_path / "full", "passkey")
+
+    original = SampleWriter.write
+    calls = {"n": 0}
+
+    def crash_after_five(self, row):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        original(self, row)
+
+    monkeypatch.setattr(SampleWriter, "write", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(model, tokenizer, config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(SampleWriter, "write", original)
+    assert len((tmp_path / "cut" / "samples_passkey.jsonl").read_text().splitlines()) == 5
+    rows = run_eval(model, tokenizer, config, tmp_path / "cut", progress=False)
+    assert len(rows) == 12  # 5 kept + 7 new, none repeated
+    resumed = report_mod.write_results(tmp_path / "cut", "passkey")
+    assert comparable(resumed) == comparable(full)
+
+
+def test_corrupt_line_is_skipped_reported_and_rerun(model, tokenizer, tmp_path, caplog):
+    config = EvalConfig("passkey", [parse_method("vanilla")], LENGTHS[:1], [0.2, 0.8], 1, 0)
+    run_eval(model, tokenizer, config, tmp_path, progress=False)
+    path = tmp_path / "samples_passkey.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + '{"task": "passkey", "meth' + "\n")  # second row lost mid-write
+    with caplog.at_level(logging.WARNING, logger="selfextend"):
+        rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
+    assert "skipped 1 corrupt line" in caplog.text
+    assert len(rows) == 2
+    assert report_mod.write_results(tmp_path, "passkey")["corrupt_lines"] == [2]
+
+
+def test_report_rerenders_from_jsonl(model, tokenizer, tmp_path, capsys):
+    from selfextend.cli import main
+
+    config = EvalConfig("passkey", [parse_method("vanilla"), parse_method("yarn")], LENGTHS, [0.5], 1, 0)
+    run_eval(model, tokenizer, config, tmp_path, progress=False)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| vanilla |" in out and "| yarn |" in out
+    assert (tmp_path / "heatmap_passkey.png").exists()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: parse_method("rope-magic"), "unknown method 'rope-magic'"),
+        (lambda: parse_method("self-extend:gruop_size=4"), "has no parameter 'gruop_size'"),
+        (lambda: parse_method("yarn:factor=big"), "is not a float"),
+        (lambda: parse_length("16q"), "bad length"),
+        (lambda: parse_depths("1.5"), "bad depths"),
+    ],
+)
+def test_bad_specs(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_unknown_task_length_beyond_reach_and_missing_corpus(model, tokenizer, tmp_path):
+    from selfextend.tasks import get_task
+
+    with pytest.raises(ValueError, match="unknown task 'passkee'; known tasks: .*passkey"):
+        get_task("passkee")
+    beyond = EvalConfig("passkey", [parse_method("self-extend:G=2:W=64")], [5000], [0.5])
+    with pytest.raises(ValueError, match="exceeds the reach"):
+        run_eval(model, tokenizer, beyond, tmp_path, progress=False)
+    linear = EvalConfig("passkey", [parse_method("linear:factor=2")], [5000], [0.5])
+    with pytest.raises(ValueError, match="set factor >= "):
+        run_eval(model, tokenizer, linear, tmp_path, progress=False)
+    missing = EvalConfig("ppl", [parse_method("vanilla")], [600], None, 1, 0, {"corpus": str(tmp_path / "nope.txt")})
+    with pytest.raises(ValueError, match="neither a built-in corpus"):
+        run_eval(model, tokenizer, missing, tmp_path, progress=False)
+    assert not (tmp_path / "samples_passkey.jsonl").exists()  # refused before any sample ran
+
+
+def test_cli_errors_are_clear(capsys):
+    from selfextend.cli import main
+
+    assert main(["eval", "passkey", "--methods", "warp-drive", "--out", "/tmp/x-never"]) == 2
+    assert "unknown method 'warp-drive'" in capsys.readouterr().err
+    assert main(["eval", "nosuchtask", "--out", "/tmp/x-never"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_ppl_modes_agree_where_they_must(model, tokenizer):
+    from selfextend.tasks.ppl import document_ids, sliding_nll, token_nll
+
+    ids = document_ids(tokenizer, "pydoc", 400, 0)
+    full = token_nll(model, ids)
+    assert torch.allclose(sliding_nll(model, ids, 400, 200), full, atol=1e-5)  # one window = single pass
+    slid = sliding_nll(model, ids, 200, 100)
+    assert torch.allclose(slid[:199], full[:199], atol=1e-5)  # the first window is the same pass
+    assert not torch.isnan(slid).any()
