@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import STATE_ATTR, ActiveMethod, Method, Param
 from .baselines import Truncate, Vanilla, truncate_ids
+from .dca import DualChunkAttention
 from .rope_scaling import NTK, DynamicNTK, Linear, YaRN
 from .self_extend import SelfExtend
 
@@ -19,7 +20,7 @@ def register_method(method: Method) -> Method:
     return method
 
 
-for _cls in (Vanilla, SelfExtend, Linear, NTK, DynamicNTK, YaRN, Truncate):
+for _cls in (Vanilla, SelfExtend, DualChunkAttention, Linear, NTK, DynamicNTK, YaRN, Truncate):
     register_method(_cls())
 
 
