@@ -61,3 +61,16 @@ def test_embedded_invariants(model_and_tokens):
     finally:
         selfextend.remove(model)
     assert torch.equal(logits(model, x), vanilla)
+
+
+def test_embedded_passkey_at_2k_vanilla_and_self_extend(tmp_path):
+    """The harness on the real model at a CI-sized length: both answer (SelfExtend with W=512 so it is active)."""
+    from selfextend.harness.report import write_results
+    from selfextend.harness.runner import EvalConfig, parse_method, run_eval
+
+    model, tokenizer = selfextend.load_model()
+    methods = [parse_method("vanilla"), parse_method("self-extend:group_size=4:window=512")]
+    config = EvalConfig("passkey", methods, [2048], [0.5], 1, 0)
+    rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
+    assert [r["score"] for r in rows] == [1.0, 1.0], [r["prediction"] for r in rows]
+    assert write_results(tmp_path, "passkey")["results"]["self-extend:group_size=4:window=512"]["2048"]["accuracy"] == 1.0
