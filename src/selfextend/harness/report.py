@@ -119,8 +119,8 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
         lengths = summary["lengths"]
         depths = sorted({d for m in results.values() for c in m.values() for d in c["by_depth"]},
                         key=lambda d: -1.0 if d == "None" else float(d))
-        fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 1.0 * len(lengths) * len(methods), 0.6 + 0.45 * len(depths) + 1.2),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, len(methods), sharey=True, squeeze=False,
+                                 figsize=(1.5 + (0.55 * len(lengths) + 0.5) * len(methods), 1.6 + 0.4 * len(depths)))
         for ax, method in zip(axes[0], methods, strict=True):
             grid = [[results[method].get(str(n), {}).get("by_depth", {}).get(d, float("nan")) for n in lengths]
                     for d in depths]
@@ -128,7 +128,7 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
             ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths],
                           fontsize=8)
             ax.set_yticks(range(len(depths)), ["-" if d == "None" else f"{float(d):.2f}" for d in depths], fontsize=8)
-            ax.set_title(method, fontsize=9)
+            ax.set_title(method.replace(":", "\n"), fontsize=8)
             ax.set_xlabel("length (tokens)", fontsize=8)
             for y, row in enumerate(grid):
                 for x, v in enumerate(row):
@@ -137,7 +137,7 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
                                 ha="center", va="center", fontsize=8)
         axes[0][0].set_ylabel("depth")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-        fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10)
+        fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10, y=1.08)
         path = out / f"heatmap_{task}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
