@@ -12,6 +12,7 @@ turns the temperature on by default, as Qwen always pairs DCA with it.
 
 Reach: DCA has no position limit (distances never exceed ``chunk_size``), so ``reach`` is a soft bound,
 ``REACH_FACTOR * L`` (32x, the longest published training-free use); a ``target_length`` past it warns.
+Nothing else depends on ``target_length``: the chunk sizes follow L, not the input length.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ class DualChunkAttention(Method):
         qwen = _qwen_config(model)
         cs, w = params.get("chunk_size"), params.get("local_window")
         from_qwen = qwen is not None and cs is None and w is None
-        if from_qwen and params.get("trained_length") is None and "original_max_position_embeddings" in qwen:
-            L = qwen["original_max_position_embeddings"]
+        if qwen is not None and params.get("trained_length") is None and "original_max_position_embeddings" in qwen:
+            L = qwen["original_max_position_embeddings"]  # max_position_embeddings is the extended length there
         else:
             L = trained_length(model, params)
         check_number("trained_length", L, minimum=4, integer=True)
@@ -103,6 +104,9 @@ class DualChunkAttention(Method):
         if target_length is not None:
             check_number("target_length", target_length, minimum=1, integer=True)
             reach = _config(resolved).reach
+            if target_length <= L and gate:
+                logger.info("selfextend: DCA target_length=%d fits the trained length %d: the model stays vanilla.",
+                            target_length, L)
             if target_length > reach:
                 logger.warning(
                     "selfextend: DCA target_length=%d is past %d = %dx the trained length, the longest published "
