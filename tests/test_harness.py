@@ -15,8 +15,8 @@ from selfextend.methods import METHODS
 from selfextend.models import default_model_path
 from selfextend.tasks import TASKS, load_all
 
-TRAINED = 512
-LENGTHS = [600, 1100]
+TRAINED = 1024
+LENGTHS = [1200, 2400]
 
 
 @pytest.fixture(scope="module")
