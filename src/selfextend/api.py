@@ -31,7 +31,7 @@ def apply(
     that the given ones reach it. Calling ``apply`` again replaces the active method; ``remove`` restores the
     model exactly.
 
-    SelfExtend keywords: ``trained_length`` (override L), ``backend`` (``"auto"``, ``"cpu"``, ``"reference"``),
+    SelfExtend keywords: ``trained_length`` (override L), ``backend`` (``"auto"``, ``"cpu"``, ``"reference"``, ``"flex"``, ``"triton"``),
     ``allow_overflow`` (past the reach ``(L - W) * G + W`` warn instead of raising).
     """
     impl = get_method(method)

@@ -22,7 +22,7 @@ class SelfExtend(Method):
         Param("group_size", int, None, "G: grouped positions are floor(pos / G) (default: from target_length)"),
         Param("window", int, None, "W: keys closer than W keep exact distances (default 1024 for L >= 4096)"),
         Param("trained_length", int, None, "override the trained context L"),
-        Param("backend", str, "auto", "attention backend: auto, cpu, reference (see available_backends())"),
+        Param("backend", str, "auto", "attention backend: auto, cpu, reference, flex, triton (see available_backends())"),
         Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
     )
 
