@@ -265,6 +265,23 @@ def test_model_blockwise_equals_reference_and_keys_are_kept_for_decode():
     assert store.nbytes > 0  # keys rotated once to j mod chunk_len, reused by later steps
 
 
+def test_switching_between_selfextend_and_dca():
+    model = build_model("llama")
+    x = ids()
+    vanilla = logits(model, x)
+    selfextend.apply(model, group_size=3, window=16)
+    dca(model)
+    assert model.config._attn_implementation == "dca"
+    assert not any(hasattr(m, "selfextend_layer") for m in model.modules())
+    fresh = build_model("llama")
+    dca(fresh)
+    assert torch.equal(logits(model, x), logits(fresh, x))
+    selfextend.apply(model, group_size=3, window=16)
+    assert not any(hasattr(m, "dca_layer") for m in model.modules())
+    selfextend.remove(model)
+    assert torch.equal(logits(model, x), vanilla)
+
+
 # ---- parameters ------------------------------------------------------------------------------------------
 
 def test_defaults_reach_and_qwen_config(caplog):

@@ -5,8 +5,8 @@ older chunks), so every distance stays within ``chunk_size < L`` at any length. 
 ``integrations/hf_dca.py`` and ``backends/dca.py``, the position maps in ``dca_positions.py``; this module
 validates settings and installs or removes the per-layer state.
 
-Defaults: ``chunk_size = 3L/4`` (ChunkLlama), ``local_window = L/16`` (ChunkLlama's code uses L/8; we take the
-smaller window the issue asks for). A model whose config carries Qwen's ``dual_chunk_attention_config``
+Defaults: ``chunk_size = 3L/4`` (ChunkLlama), ``local_window = L/16`` (ChunkLlama's first release; its current code
+uses L/8; we take the smaller window the issue asks for). A model whose config carries Qwen's ``dual_chunk_attention_config``
 (``chunk_size``, ``local_size``, ``original_max_position_embeddings``) uses it when neither size is given, and
 turns the temperature on by default, as Qwen always pairs DCA with it.
 
