@@ -68,6 +68,10 @@ def test_every_task_end_to_end(task, model, tokenizer, tmp_path):
             assert 0.0 <= row["score"] <= 1.0 and {"prediction", "expected", "seconds", "params"} <= set(row)
     table = report_mod.markdown(result, task)
     assert all(m in table for m in METHODS)
+    if TASKS[task].kind == "ppl":
+        buckets = report_mod.markdown_buckets(result, LENGTHS[-1])
+        assert "| vanilla (single-pass) |" in buckets and "| truncate (sliding) |" in buckets
+        assert buckets.splitlines()[0].count("|") == LENGTHS[-1] // 256 + 1 + 3  # 256-token buckets + "all"
 
 
 def test_resume_after_interruption_gives_the_same_summary(model, tokenizer, tmp_path, monkeypatch):

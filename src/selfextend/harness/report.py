@@ -79,6 +79,22 @@ def markdown(summary: dict[str, Any], task: str) -> str:
     return "\n".join(lines)
 
 
+def markdown_buckets(summary: dict[str, Any], length: int) -> str:
+    """Perplexity per position bucket at one length: methods x buckets (the curve as a table)."""
+    cells = {m: summary["results"][m].get(str(length)) for m in summary["methods"]}
+    cells = {m: c for m, c in cells.items() if c is not None and "bucket_ppl" in c}
+    if not cells:
+        return ""
+    bucket = next(iter(cells.values()))["bucket"]
+    n = max(len(c["bucket_ppl"]) for c in cells.values())
+    head = "| method (mode) | " + " | ".join(f"{b * bucket // 1024}-{(b + 1) * bucket // 1024}k" for b in range(n)) + " | all |"
+    lines = [head, "|---|" + "---:|" * (n + 1)]
+    for m, c in cells.items():
+        values = [f"{v:.1f}" for v in c["bucket_ppl"]] + ["-"] * (n - len(c["bucket_ppl"]))
+        lines.append(f"| {m} ({c['mode']}) | " + " | ".join(values) + f" | {c['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
 def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarize the samples file into ``results_<task>.json`` (lm-evaluation-harness style) and return it."""
     out = Path(out_dir)
@@ -177,6 +193,10 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
     for task in names:
         result = write_results(out, task)
         texts.append(markdown(result, task))
+        for length in result["lengths"]:
+            buckets = markdown_buckets(result, length)
+            if buckets:
+                texts.append(f"{task} at {length} tokens, perplexity per position bucket:\n\n{buckets}")
         if plots:
             plot(out, task, result)
     return "\n\n".join(texts)
