@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Every number on docs/results.md comes from these commands (embedded SmolLM2-135M-Instruct, CPU, 2 threads).
-# Each command resumes: re-running skips samples already in docs/results/<dir>/samples_*.jsonl.
-# Usage: bash benchmarks/results_page.sh [step ...]   (default: all steps in order)
+# Every number on docs/results.md comes from these commands (embedded SmolLM2-135M-Instruct, CPU, 2 threads,
+# bf16). Each command resumes: re-running skips samples already in docs/results/<dir>/samples_*.jsonl.
+# Usage: bash benchmarks/results_page.sh [step ...]   (default: every step, in the order they were run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SE="${SE:-.venv/bin/selfextend}"
-COMMON=(--threads 2 --dtype bfloat16)
-ALL="vanilla,self-extend,linear,ntk,dynamic-ntk,yarn,truncate${EXTRA_METHODS:-}"
-DEPTHS5=0.05,0.3,0.5,0.7,0.95
-DEPTHS3=0.05,0.5,0.95
+C=(--threads 2 --dtype bfloat16)
+export SELFEXTEND_TUNED="${SELFEXTEND_TUNED:-/tmp/selfextend-results-no-tuned.json}"  # the authors' rule, not a local tune
+P=docs/results/passkey
+D5=0.05,0.3,0.5,0.7,0.95
+D3=0.05,0.5,0.95
 
-step_passkey() { $SE eval passkey "${COMMON[@]}" --methods "$ALL" --lengths 4k,8k,16k --depths $DEPTHS5 --out docs/results/passkey; }
-step_ppl() { $SE eval ppl "${COMMON[@]}" --methods "$ALL" --lengths 32k --corpus pydoc --out docs/results/ppl; }
-step_passkey_long() { $SE eval passkey "${COMMON[@]}" --methods "$ALL" --lengths 24k,32k --depths $DEPTHS3 --out docs/results/passkey; }
+step_passkey() {
+  $SE eval passkey "${C[@]}" --methods vanilla,self-extend,linear,ntk,dynamic-ntk,yarn,truncate --lengths 4k,8k --depths $D5 --out $P
+  $SE eval passkey "${C[@]}" --methods vanilla,self-extend,dca,dca:vanilla_within_trained=false,yarn --lengths 16k --depths $D5 --out $P
+  $SE eval passkey "${C[@]}" --methods linear,ntk,dynamic-ntk,truncate --lengths 16k --depths $D3 --out $P
+}
+step_ppl() {
+  $SE eval ppl "${C[@]}" --methods vanilla,self-extend,dca,yarn,linear,ntk,dynamic-ntk,truncate --lengths 32k --corpus pydoc --out docs/results/ppl
+}
+step_passkey_long() {
+  $SE eval passkey "${C[@]}" --methods self-extend,dca:vanilla_within_trained=false --lengths 24k --depths $D3 --out $P
+  $SE eval passkey "${C[@]}" --methods vanilla,self-extend,linear,ntk,dynamic-ntk,yarn,truncate,dca --lengths 24k,32k --depths $D3 --out $P
+}
 step_ruler() {
-  for task in niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe kv_retrieval; do
-    $SE eval $task "${COMMON[@]}" --methods "vanilla,self-extend,${BEST_ROPE:-yarn}${EXTRA_METHODS:-}" --lengths 8k,16k --depths 3 --out docs/results/ruler
+  for task in niah niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe kv_retrieval; do
+    $SE eval $task "${C[@]}" --methods vanilla,self-extend,yarn,dca --lengths 8k,16k --depths 3 --out docs/results/ruler
   done
 }
 step_tune() {
-  for n in 16384 32768; do $SE tune "${COMMON[@]}" --target-length $n --budget-minutes "${TUNE_MINUTES:-40}" --out docs/results/tune_$n; done
+  for n in 16384 32768; do
+    SELFEXTEND_TUNED=docs/results/tune_$n/tuned.json $SE tune "${C[@]}" --target-length $n --budget-minutes "${TUNE_MINUTES:-40}" --out docs/results/tune_$n
+  done
 }
 
 steps=("$@")
