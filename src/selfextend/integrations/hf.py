@@ -126,6 +126,35 @@ def vanilla_attention_function(module: torch.nn.Module, implementation: str) -> 
     return eager
 
 
+def query_positions(query: torch.Tensor, kv_len: int, spec: MaskSpec | None, kwargs: dict) -> tuple[int, torch.Tensor]:
+    """``(q_start, query_pos)``: where the queries sit in the key tensor, and their (B, q_len) RoPE positions
+    (the ``position_ids`` RoPE used, or consecutive positions when the model passed none)."""
+    bsz, _, q_len, _ = query.shape
+    q_start = spec.q_start if spec is not None else kv_len - q_len
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = (q_start + torch.arange(q_len, device=query.device))[None]
+    return q_start, position_ids.to(query.device).expand(bsz, q_len).long()
+
+
+def call_key_positions(method: str, spec: MaskSpec | None, attention_mask: Any, query_pos: torch.Tensor,
+                       q_start: int, kv_len: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(key_valid, key_pos)`` for a remapping method's call, refusing masks it cannot honor."""
+    if spec is not None and not spec.is_plain_causal:
+        raise ValueError(
+            f"{method} supports causal attention with padding; this call has a custom mask pattern "
+            "(packed sequences, bidirectional or block overlays). Pass an attention_mask and unpacked inputs."
+        )
+    if spec is None and attention_mask is not None:
+        raise ValueError(
+            f"{method} needs the 2D attention_mask (batch, length); got a prepared 4D mask. "
+            "Pass attention_mask as returned by the tokenizer."
+        )
+    if spec is not None:  # the same for every layer of this forward: computed once
+        return spec.positions(query_pos, q_start, kv_len)
+    return None, key_positions(query_pos, None, q_start, kv_len)[0]
+
+
 _overflow_warned: set[int] = set()
 
 
@@ -160,32 +189,14 @@ def selfextend_attention_forward(
 
     bsz, _, q_len, head_dim = query.shape
     kv_len = key.shape[2]
-    position_ids = kwargs.get("position_ids")
-    q_start = spec.q_start if spec is not None else kv_len - q_len
-    if position_ids is None:
-        position_ids = (q_start + torch.arange(q_len, device=query.device))[None]
-    query_pos = position_ids.to(query.device).expand(bsz, q_len).long()
+    q_start, query_pos = query_positions(query, kv_len, spec, kwargs)
     max_pos = int(query_pos.max())
     if max_pos < cfg.window:
         return vanilla()  # every key is a neighbor: exactly vanilla
     if max_pos >= cfg.max_length:
         _overflow(cfg, max_pos + 1)
 
-    if spec is not None and not spec.is_plain_causal:
-        raise ValueError(
-            "SelfExtend supports causal attention with padding; this call has a custom mask pattern "
-            "(packed sequences, bidirectional or block overlays). Pass an attention_mask and unpacked inputs."
-        )
-    if spec is None and attention_mask is not None:
-        raise ValueError(
-            "SelfExtend needs the 2D attention_mask (batch, length); got a prepared 4D mask. "
-            "Pass attention_mask as returned by the tokenizer."
-        )
-    if spec is not None:  # the same for every layer of this forward: computed once
-        key_valid, key_pos = spec.positions(query_pos, q_start, kv_len)
-    else:
-        key_valid = None
-        key_pos, _ = key_positions(query_pos, None, q_start, kv_len)
+    key_valid, key_pos = call_key_positions("SelfExtend", spec, attention_mask, query_pos, q_start, kv_len)
 
     G, W = cfg.group_size, cfg.window
     inv_freq = layer.inv_freq()

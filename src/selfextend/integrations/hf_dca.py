@@ -29,9 +29,8 @@ from ..dca_positions import (
     successive_query_positions,
     temperature_factor,
 )
-from ..positions import key_positions as absolute_key_positions
 from ..rope import rotate_by
-from .hf import MaskSpec, selfextend_mask
+from .hf import MaskSpec, call_key_positions, query_positions, selfextend_mask
 
 DCA_ATTN_NAME = "dca"
 
@@ -87,29 +86,11 @@ def dca_attention_forward(
 
     bsz, _, q_len, head_dim = query.shape
     kv_len = key.shape[2]
-    position_ids = kwargs.get("position_ids")
-    q_start = spec.q_start if spec is not None else kv_len - q_len
-    if position_ids is None:
-        position_ids = (q_start + torch.arange(q_len, device=query.device))[None]
-    query_pos = position_ids.to(query.device).expand(bsz, q_len).long()
+    q_start, query_pos = query_positions(query, kv_len, spec, kwargs)
     if int(query_pos.max()) < cfg.exact_below:
         return vanilla()  # every query attends with its true distances: exactly vanilla
 
-    if spec is not None and not spec.is_plain_causal:
-        raise ValueError(
-            "DCA supports causal attention with padding; this call has a custom mask pattern "
-            "(packed sequences, bidirectional or block overlays). Pass an attention_mask and unpacked inputs."
-        )
-    if spec is None and attention_mask is not None:
-        raise ValueError(
-            "DCA needs the 2D attention_mask (batch, length); got a prepared 4D mask. "
-            "Pass attention_mask as returned by the tokenizer."
-        )
-    if spec is not None:  # shared by every layer of this forward
-        key_valid, key_pos = spec.positions(query_pos, q_start, kv_len)
-    else:
-        key_valid = None
-        key_pos, _ = absolute_key_positions(query_pos, None, q_start, kv_len)
+    key_valid, key_pos = call_key_positions("DCA", spec, attention_mask, query_pos, q_start, kv_len)
 
     cs, cl = cfg.chunk_size, cfg.chunk_len
     inv_freq = layer.inv_freq()
