@@ -16,6 +16,9 @@ step_passkey() {
   $SE eval passkey "${C[@]}" --methods vanilla,self-extend,dca,dca:vanilla_within_trained=false,yarn --lengths 16k --depths $D5 --out $P
   $SE eval passkey "${C[@]}" --methods linear,ntk,dynamic-ntk,truncate --lengths 16k --depths $D3 --out $P
 }
+step_dca_long() {
+  $SE eval passkey "${C[@]}" --methods dca,self-extend --lengths 32k --depths $D5 --out $P
+}
 step_ppl() {
   $SE eval ppl "${C[@]}" --methods vanilla,self-extend,dca,yarn,linear,ntk,dynamic-ntk,truncate --lengths 32k --corpus pydoc --out docs/results/ppl
 }
@@ -35,5 +38,5 @@ step_tune() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(passkey ppl passkey_long ruler tune)
+[ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long passkey_long ruler tune)
 for s in "${steps[@]}"; do "step_$s"; done

@@ -1,7 +1,7 @@
 """Switching backends mid-generation: prefill on one, decode (same KV cache) on another, same logits.
 
 Every backend reads the same transformers KV cache (keys rotated at their true positions) and the same
-grouped-key store, so ``selfextend.apply(model, ..., backend=other)`` between two forward calls must not
+grouped keys, so ``selfextend.apply(model, ..., backend=other)`` between two forward calls must not
 change a single logit beyond float noise. The Triton kernel runs under the interpreter
 (``TRITON_INTERPRET=1`` set only while its module is imported, as in ``test_triton.py``).
 """

@@ -1,28 +1,41 @@
-"""Grouped-key cache policy.
+"""Keeping keys at remapped positions across forward calls, without rotating the whole cache per step.
 
-transformers' KV cache stores keys rotated at their true position ``j``. Grouped attention needs them at
-``j // G``; that rotation never changes once a key is written, so rotating the whole cache again at every
-decode step (what the official patches do) wastes O(L * D) work and a K-sized temporary per step.
+transformers' KV cache stores keys rotated at their true position ``j``. SelfExtend's grouped attention
+needs a key at ``j // G`` once it is ``W`` or more tokens behind every query, and from then on forever;
+DCA needs keys at ``j mod chunk_len``. Rotating the whole cache again at every decode step (what the
+official patches do) costs O(L * D) work and a K-sized temporary per step. Two policies avoid it:
 
-Policy: prefill (an empty cache) rotates the keys it needs and keeps nothing, so prefill peak memory
-is unchanged. The first call that *continues* a cache (decode or chunked prefill) rotates the cached keys
-once and keeps them; later calls rotate only the new keys. That costs one extra K (0.5x KV memory) while
-decoding and makes a decode step cost what vanilla's does.
-
-The store is tied to a layer, not to a cache object (the attention registry does not pass the cache),
-so it checks that it still describes the keys it is given: batch shape, dtype, and the first and last
-stored key rows must match exactly; otherwise (a new conversation, a reordered beam, a cropped cache)
-it rebuilds from scratch. Exactness never depends on the store being current.
+* ``GroupedCache`` (SelfExtend): rotate a key *in place in the transformers cache* once it leaves the
+  neighbor window. Decode then costs what vanilla's does (one key rotated per step) and needs no memory
+  beyond vanilla's. The cache itself carries a ``GroupedRecord`` (how many leading keys of each layer are
+  grouped, for which G, at which positions), so copies, reordered beams and cropped caches stay right;
+  keys a later call needs as neighbors again (a crop, a larger W) are rotated back first. Only caches
+  that hand the attention their own storage qualify (``DynamicCache``, ``StaticCache``); with any other
+  cache, or without one, grouped keys are rotated per call and nothing is kept. ``remove`` rotates every
+  cache it saw back to true positions (float rounding aside: rotations are not bit-exact inverses).
+* ``GroupedKeyStore`` (DCA): a per-layer side store of rotated keys, checked against the keys it is
+  given. It costs one extra K while decoding, but never touches the user's cache.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .positions import grouped_key_positions
+
 
 class GroupedKeyStore:
+    """Rotated keys kept beside the cache: a prefill from an empty cache keeps nothing (its peak memory is
+    unchanged); the first call that continues a cache rotates the cached keys once, later calls only the new
+    ones. It checks that it still describes the keys it is given (batch shape, dtype, first and last stored
+    rows) and otherwise rebuilds (a new conversation, a reordered beam, a cropped cache)."""
+
     def __init__(self) -> None:
         self.clear()
 
@@ -77,3 +90,148 @@ class GroupedKeyStore:
             self._keys = grown
         self._keys[:, :, self._len : written] = new
         self._len = written
+
+
+RECORD_ATTR = "selfextend_grouped"
+Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (keys, delta positions) -> rotated keys
+
+
+@dataclass
+class GroupedRecord:
+    """Carried by a transformers cache object: which of its keys hold SelfExtend's grouped rotation."""
+
+    layers: dict[int, tuple[int, int]] = field(default_factory=dict)  # layer -> (leading keys grouped, G)
+    key_pos: torch.Tensor | None = None  # (B, n) positions of the cached keys, to rotate them back
+
+
+class GroupedCache:
+    """Per model: finds the cache of the running forward and keeps its old keys at grouped positions.
+
+    The attention registry does not pass the cache to attention functions, so hooks on the base model
+    (public ``nn.Module`` hooks, nothing patched) note the ``past_key_values`` of each forward call.
+    """
+
+    def __init__(self, base_model: torch.nn.Module) -> None:
+        self.cache: Any = None
+        self.persist = False
+        self._seen: weakref.WeakSet = weakref.WeakSet()
+        self._rotate: dict[int, Rotate] = {}
+        self._signature = inspect.signature(base_model.forward)
+        self._hooks = [
+            base_model.register_forward_pre_hook(self._before, with_kwargs=True),
+            base_model.register_forward_hook(self._after, always_call=True),
+        ]
+
+    def _before(self, module, args, kwargs) -> None:
+        try:
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        self.cache = bound.get("past_key_values")
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        # a cache the model creates inside this call is not visible yet: its first call rotates per call,
+        # and the next call (which passes it in) starts keeping grouped keys
+        self.persist = bool(use_cache) and self.cache is not None
+
+    def _after(self, module, args, output) -> None:
+        self.cache, self.persist = None, False
+
+    def _owns(self, layer_idx: int | None, key: torch.Tensor) -> bool:
+        """Is ``key`` the cache's own storage for this layer (so that writing into it persists)?"""
+        layers = getattr(self.cache, "layers", None)
+        if layer_idx is None or not layers or layer_idx >= len(layers):
+            return False
+        stored = getattr(layers[layer_idx], "keys", None)
+        return isinstance(stored, torch.Tensor) and stored.data_ptr() == key.data_ptr() and stored.shape == key.shape
+
+    def grouped_keys(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, written: int,
+                     q_start: int, window: int, group_size: int, contiguous: bool, rotate: Rotate) -> torch.Tensor:
+        """Keys ``[0, written)`` of one attention call, with ``[0, written - window)`` at grouped positions.
+
+        Returns the cache's own tensor when its grouped prefix already covers the call (every decode step),
+        else a copy with the missing keys rotated. ``contiguous``: each row's real keys end at the last key
+        with no gap, so key-index distances are position distances (left padding qualifies).
+        """
+        keep = max(0, q_start - window + 1) if contiguous else 0  # keys every query of this call sees grouped
+        count = self.ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size)
+        need = max(0, written - window)
+        if need <= count:
+            return key[:, :, :written]
+        grouped = key[:, :, :written].clone()
+        grouped[:, :, count:need] = rotate(key[:, :, count:need], _delta(key_pos[:, count:need], group_size))
+        return grouped
+
+    def holds(self, layer_idx: int | None, key: torch.Tensor) -> bool:
+        """Does this call's cache hold grouped keys for this layer?"""
+        record = getattr(self.cache, RECORD_ATTR, None)
+        return record is not None and record.layers.get(layer_idx, (0, 0))[0] > 0 and self._owns(layer_idx, key)
+
+    def ungroup(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, q_start: int, keep: int,
+                rotate: Rotate, group_size: int = 0) -> int:
+        """Rotate the cache's grouped keys from ``keep`` on (all of them if they used another G) back to true
+        positions: a cropped cache, a larger W or a vanilla call needs them as neighbors again. Keys from
+        ``q_start`` on were written by this call (after a crop they replace grouped ones). Returns how many
+        leading keys stay grouped."""
+        if not self.holds(layer_idx, key):
+            return 0
+        record: GroupedRecord = getattr(self.cache, RECORD_ATTR)
+        count, grouped_g = record.layers[layer_idx]
+        count = min(count, q_start)
+        if grouped_g != group_size:
+            keep = 0
+        if count > keep:
+            key[:, :, keep:count] = rotate(key[:, :, keep:count], -_delta(key_pos[:, keep:count], grouped_g))
+            count = keep
+        record.layers[layer_idx] = (count, grouped_g)
+        return count
+
+    def commit(self, layer_idx: int | None, key: torch.Tensor, grouped: torch.Tensor, key_pos: torch.Tensor,
+               written: int, window: int, group_size: int, contiguous: bool, rotate: Rotate) -> None:
+        """After the call: rotate, in the cache, the keys no later query sees as neighbors."""
+        if not (self.persist and contiguous and self._owns(layer_idx, key)):
+            return
+        record = getattr(self.cache, RECORD_ATTR, None)
+        if record is None:
+            record = GroupedRecord()
+            setattr(self.cache, RECORD_ATTR, record)
+            self._seen.add(self.cache)
+        count = record.layers.get(layer_idx, (0, group_size))[0]
+        target = max(0, written - window + 1)  # the next query (position written) sees keys < target grouped
+        if target > count:
+            copied = count
+            if grouped.data_ptr() != key.data_ptr():  # a copy whose [count, written - window) is rotated
+                copied = max(count, min(target, written - window))
+                key[:, :, count:copied] = grouped[:, :, count:copied]
+            lo = copied
+            key[:, :, lo:target] = rotate(key[:, :, lo:target], _delta(key_pos[:, lo:target], group_size))
+            count = target
+        record.layers[layer_idx] = (count, group_size)
+        record.key_pos = key_pos
+        self._rotate[layer_idx] = rotate
+
+    def close(self) -> None:
+        """Remove the hooks and rotate every cache this model grouped back to true positions."""
+        for hook in self._hooks:
+            hook.remove()
+        for cache in list(self._seen):
+            restore(cache, self._rotate)
+        self._seen.clear()
+
+
+def restore(cache: Any, rotate: dict[int, Rotate]) -> None:
+    """Rotate a cache's grouped keys back to their true positions and drop its record."""
+    record: GroupedRecord | None = getattr(cache, RECORD_ATTR, None)
+    if record is None:
+        return
+    for layer_idx, (count, group_size) in record.layers.items():
+        if count:
+            keys = cache.layers[layer_idx].keys
+            keys[:, :, :count] = rotate[layer_idx](keys[:, :, :count], -_delta(record.key_pos[:, :count], group_size))
+    delattr(cache, RECORD_ATTR)
+
+
+def _delta(pos: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Grouped minus true position of keys at ``pos``."""
+    return grouped_key_positions(pos, group_size) - pos

@@ -36,9 +36,9 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..backends import SelfExtendInputs, select_backend
-from ..cache import GroupedKeyStore
+from ..cache import GroupedCache
 from ..config import SelfExtendConfig
-from ..positions import grouped_key_positions, grouped_query_positions, key_positions
+from ..positions import grouped_query_positions, key_positions
 from ..rope import rotate_by
 
 logger = logging.getLogger("selfextend")
@@ -102,6 +102,7 @@ class ModelState:
     original_sliding_window: Any = None
     changed_sliding_window: bool = False
     layer_modules: list = field(default_factory=list)
+    grouped_cache: GroupedCache | None = None  # keeps old keys grouped in the KV cache between calls
 
 
 @dataclass
@@ -110,7 +111,7 @@ class LayerState:
     inv_freq: Callable[[], torch.Tensor]
     vanilla: Callable
     layout: str = "rotate_half"
-    store: GroupedKeyStore = field(default_factory=GroupedKeyStore)
+    layer_idx: int | None = None  # the layer's index in the KV cache
 
 
 def vanilla_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
@@ -182,8 +183,8 @@ def selfextend_attention_forward(
         mask = spec.materialize(state.original_implementation) if spec is not None else attention_mask
         return layer.vanilla(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    if kwargs.get("sliding_window") is not None or cfg.group_size == 1:
-        return vanilla()  # local layers never see past their window; G = 1 is vanilla by definition
+    if kwargs.get("sliding_window") is not None:
+        return vanilla()  # local layers never see past their window
     if dropout:
         raise ValueError("SelfExtend is an inference method; call model.eval() (attention dropout must be 0).")
 
@@ -191,22 +192,27 @@ def selfextend_attention_forward(
     kv_len = key.shape[2]
     q_start, query_pos = query_positions(query, kv_len, spec, kwargs)
     max_pos = int(query_pos.max())
-    if max_pos < cfg.window:
-        return vanilla()  # every key is a neighbor: exactly vanilla
+    inv_freq = layer.inv_freq()
+    keeper = state.grouped_cache
+
+    def rotate(keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return rotate_by(keys, delta, inv_freq, layer.layout)
+
+    if max_pos < cfg.window or cfg.group_size == 1:  # every key is a neighbor / G = 1: vanilla by definition
+        if keeper.holds(layer.layer_idx, key):  # a cache grouped earlier (then cropped, or G changed)
+            key_pos = call_key_positions("SelfExtend", spec, attention_mask, query_pos, q_start, kv_len)[1]
+            keeper.ungroup(layer.layer_idx, key, key_pos, q_start, 0, rotate)
+        return vanilla()
     if max_pos >= cfg.max_length:
         _overflow(cfg, max_pos + 1)
 
     key_valid, key_pos = call_key_positions("SelfExtend", spec, attention_mask, query_pos, q_start, kv_len)
 
     G, W = cfg.group_size, cfg.window
-    inv_freq = layer.inv_freq()
-    grouped_query = rotate_by(query, grouped_query_positions(query_pos, G, W) - query_pos, inv_freq, layer.layout)
+    grouped_query = rotate(query, grouped_query_positions(query_pos, G, W) - query_pos)
     written = q_start + q_len
-    def rotate(keys: torch.Tensor, start: int) -> torch.Tensor:  # only the keys not yet in the store
-        pos = key_pos[:, start : start + keys.shape[2]]
-        return rotate_by(keys, grouped_key_positions(pos, G) - pos, inv_freq, layer.layout)
-
-    grouped_key = layer.store.grouped_keys(key, written, keep=q_start > 0, rotate=rotate)
+    contiguous = ends_contiguous(key_valid, written)
+    grouped_key = keeper.grouped_keys(layer.layer_idx, key, key_pos, written, q_start, W, G, contiguous, rotate)
     inputs = SelfExtendInputs(
         query=query,
         key=key[:, :, :written],
@@ -222,7 +228,18 @@ def selfextend_attention_forward(
         softcap=kwargs.get("softcap"),
     )
     out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
+    keeper.commit(layer.layer_idx, key, grouped_key, key_pos, written, W, G, contiguous, rotate)
     return out.transpose(1, 2).contiguous(), None
+
+
+def ends_contiguous(key_valid: torch.Tensor | None, written: int) -> bool:
+    """Do each row's real keys run without a gap up to the last key (no padding, or left padding)?"""
+    if key_valid is None:
+        return True
+    valid = key_valid[:, :written]
+    count = valid.sum(dim=1)
+    first = torch.where(valid, torch.arange(written, device=valid.device), written).amin(dim=1)
+    return bool(((count == 0) | (first + count == written)).all())
 
 
 def _overflow(cfg: SelfExtendConfig, length: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from ..cache import GroupedCache
 from ..config import SelfExtendConfig, resolve_config
 from ..integrations.hf import ATTN_NAME, LayerState, ModelState, register, vanilla_attention_function
 from ..integrations.model_info import check_model, disable_global_sliding_window, inv_freq_getter
@@ -49,21 +50,20 @@ class SelfExtend(Method):
         if previous is not None:  # settings change: keep the layer state, drop stale grouped keys
             state: ModelState = previous.data["state"]
             state.config = cfg
-            disable_global_sliding_window(model, state, cfg.group_size > 1)
-            for layer in state.layer_modules:
-                layer.selfextend_layer.store.clear()
+            disable_global_sliding_window(model, state, cfg.group_size > 1)  # grouped keys kept in caches
             logger.info("selfextend: settings changed: %s", cfg.describe())
             return ActiveMethod(self.name, params, previous.data)
 
         register()
         original = model.config._attn_implementation or "eager"
-        state = ModelState(config=cfg, original_implementation=original)
+        state = ModelState(config=cfg, original_implementation=original, grouped_cache=GroupedCache(model.base_model))
         for layer in layers:
             layer.selfextend_layer = LayerState(
                 model_state=state,
                 inv_freq=inv_freq_getter(rotary, layer),
                 vanilla=vanilla_attention_function(layer, original),
                 layout=layout,
+                layer_idx=getattr(layer, "layer_idx", None),
             )
             state.layer_modules.append(layer)
         disable_global_sliding_window(model, state, cfg.group_size > 1)
@@ -75,6 +75,7 @@ class SelfExtend(Method):
         state: ModelState = active.data["state"]
         model.set_attn_implementation(state.original_implementation)
         disable_global_sliding_window(model, state, False)
+        state.grouped_cache.close()  # caches filled meanwhile go back to true positions
         for layer in state.layer_modules:
             del layer.selfextend_layer
 
