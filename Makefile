@@ -24,6 +24,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
+	$(BIN)/python benchmarks/bench_model.py --threads 2
 	$(BIN)/python benchmarks/bench_core.py --threads 2
 
 clean:

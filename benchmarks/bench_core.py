@@ -1,26 +1,21 @@
-"""SelfExtend core benchmark on the embedded model: quality, speed and memory against vanilla, side by side.
+"""SelfExtend core benchmark on the embedded model: quality against vanilla (speed and memory: bench_model.py).
 
-    python benchmarks/bench_core.py --threads 2                     # all parts, 16384 tokens
-    python benchmarks/bench_core.py --parts speed --length 4096     # a quick look
+    python benchmarks/bench_core.py --threads 2                     # both parts, 16384 tokens
+    python benchmarks/bench_core.py --parts ppl --length 4096       # a quick look
 
 Parts (each row is appended to ``--out`` as JSON as soon as it is measured; a re-run skips rows already
 there, so an interrupted run resumes):
-* ``speed``: prefill time, peak RSS during prefill + decode, and decode tokens/s for 64 new tokens, each
-  method in a fresh subprocess (peak RSS is per process; VmHWM is reset after loading the model);
 * ``ppl``: perplexity of each 2048-token bucket of one single pass over ``pydoc_data.topics``
   (mode: single-pass, NLL from hidden states in chunks, no full logits tensor);
 * ``passkey``: Landmark passkey at ``--length - 700`` tokens (15.7k by default) for 5 depths.
-The report prints SelfExtend / vanilla ratios from the same run.
+The report prints SelfExtend next to vanilla.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,29 +25,6 @@ import torch
 METHODS = {"vanilla": None, "selfextend": (4, 1024)}  # name -> (group_size, window)
 DEPTHS = (0.05, 0.3, 0.5, 0.7, 0.95)
 BUCKET = 2048
-
-
-def _peak_reset() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) of this process
-        f.write("5")
-
-
-def _peak_rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _load(method: str, threads: int):
@@ -71,29 +43,6 @@ def _corpus_ids(tok, length: int) -> torch.Tensor:
 
     text = "\n".join(pydoc_data.topics.topics.values())
     return tok(text, return_tensors="pt").input_ids[:, :length]
-
-
-@torch.no_grad()
-def speed_child(method: str, length: int, threads: int, new_tokens: int) -> dict:
-    model, tok = _load(method, threads)
-    ids = _corpus_ids(tok, length)
-    model(ids[:, :64], use_cache=True, logits_to_keep=1)  # warm-up
-    base = _rss_mib()
-    _peak_reset()
-    t0 = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - t0
-    cache = out.past_key_values
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    decode = time.perf_counter() - t1
-    return dict(part="speed", method=method, length=ids.shape[1], prefill_s=prefill,
-                decode_tok_s=new_tokens / decode, peak_rss_mib=_peak_rss_mib(), rss_before_mib=base,
-                peak_over_baseline_mib=_peak_rss_mib() - base)
 
 
 @torch.no_grad()
@@ -148,16 +97,6 @@ def _append(out: Path, rows) -> None:
 def report(rows: list[dict], length: int) -> None:
     print(f"\n# SelfExtend core benchmark (G=4, W=1024), {length} tokens, embedded SmolLM2-135M-Instruct")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    speed = {r["method"]: r for r in rows if r["part"] == "speed" and r["length"] >= length * 0.99}
-    if len(speed) == 2:
-        v, s = speed["vanilla"], speed["selfextend"]
-        print("\n| metric | vanilla | selfextend | ratio | target |\n|---|---|---|---|---|")
-        print(f"| prefill s | {v['prefill_s']:.1f} | {s['prefill_s']:.1f} | {s['prefill_s'] / v['prefill_s']:.3f}x | <= 1.2x |")
-        print(f"| peak RSS MiB | {v['peak_rss_mib']:.0f} | {s['peak_rss_mib']:.0f} | {s['peak_rss_mib'] / v['peak_rss_mib']:.3f}x | <= 1.2x |")
-        print(f"| peak over loaded model MiB | {v['peak_over_baseline_mib']:.0f} | {s['peak_over_baseline_mib']:.0f} | "
-              f"{s['peak_over_baseline_mib'] / v['peak_over_baseline_mib']:.3f}x | |")
-        print(f"| decode tok/s (64 new) | {v['decode_tok_s']:.2f} | {s['decode_tok_s']:.2f} | "
-              f"{s['decode_tok_s'] / v['decode_tok_s']:.3f}x | >= 0.8x |")
     ppl = [r for r in rows if r["part"] == "ppl" and r["length"] >= length * 0.99]
     if ppl:
         print("\n| tokens (single-pass, pydoc_data.topics) | " + " | ".join(METHODS) + " |\n|---|---|---|")
@@ -188,14 +127,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parts", default="speed,ppl,passkey")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--parts", default="ppl,passkey")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "core.jsonl")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:  # one speed measurement in this fresh process
-        print(json.dumps(speed_child(args.child, args.length, args.threads, args.new_tokens)))
-        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = _done(args.out)
 
@@ -203,15 +137,6 @@ def main() -> None:
         return any(all(r.get(k) == v for k, v in kw.items()) and r.get("length", 0) >= args.length * 0.98 for r in done)
 
     parts = args.parts.split(",")
-    for method in METHODS:
-        if "speed" in parts and not have(part="speed", method=method):
-            res = subprocess.run([sys.executable, __file__, "--child", method, "--length", str(args.length),
-                                  "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)],
-                                 capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            row = json.loads(res.stdout.strip().splitlines()[-1])
-            _append(args.out, row)
-            done.append(row)
-            print(f"speed {method}: {row}", file=sys.stderr)
     for method in METHODS:
         if "ppl" in parts and not have(part="ppl", method=method):
             rows = ppl_rows(method, args.length, args.threads)

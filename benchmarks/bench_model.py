@@ -1,0 +1,167 @@
+"""Model-level cost on the embedded model: vanilla SDPA, SelfExtend and DCA on the same prompt, side by side.
+
+    python benchmarks/bench_model.py --threads 2                                  # 16k and 32k, fp32 and bf16
+    python benchmarks/bench_model.py --lengths 4k --dtypes float32 --new-tokens 8  # a quick look
+
+Each cell (length, dtype, method) runs in a fresh subprocess, so peak RSS is its own (VmHWM is reset after
+loading the model and a warm-up): prefill of the first ``length`` tokens of ``pydoc_data.topics`` with
+``logits_to_keep=1``, then ``--new-tokens`` greedy decode steps on the returned ``DynamicCache``. The three
+methods of one (length, dtype) run back to back, and the report prints their ratios to vanilla measured in
+the same run: prefill time, peak RSS, decode tokens/s. Settings come from ``target_length=length`` (the
+authors' rule for SelfExtend: G=4 W=1024 at 16k, G=8 at 32k; ChunkLlama's defaults for DCA). Rows are
+appended to ``--out`` as soon as they are measured; a re-run skips cells already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("vanilla", "self-extend", "dca")
+TARGETS = {"prefill": 1.10, "memory": 1.10, "decode": 0.95}
+
+
+def _status(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_reset() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) of this process
+        f.write("5")
+
+
+def corpus_ids(tok, length: int) -> torch.Tensor:
+    import pydoc_data.topics
+
+    text = "\n".join(pydoc_data.topics.topics.values())
+    ids = tok(text, return_tensors="pt").input_ids[:, :length]
+    if ids.shape[1] < length:
+        raise SystemExit(f"pydoc_data.topics has {ids.shape[1]} tokens; --lengths must not exceed it")
+    return ids
+
+
+@torch.no_grad()
+def measure(method: str, length: int, dtype: str, threads: int, new_tokens: int) -> dict:
+    import selfextend
+
+    torch.set_num_threads(threads)
+    model, tok = selfextend.load_model(dtype=getattr(torch, dtype))
+    if method != "vanilla":
+        selfextend.apply(model, method=method, target_length=length)
+    params = selfextend.active(model).params if method != "vanilla" else {}
+    ids = corpus_ids(tok, length)
+    model(ids[:, :64], use_cache=True, logits_to_keep=1)  # warm-up
+    base = _status("VmRSS")
+    _peak_reset()
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - t0
+    peak_prefill = _status("VmHWM")
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    decode = time.perf_counter() - t1
+    return dict(method=method, params={k: v for k, v in params.items() if not isinstance(v, bool)}, length=length,
+                dtype=dtype, threads=threads, new_tokens=new_tokens, prefill_s=prefill, decode_tok_s=new_tokens / decode,
+                peak_rss_mib=_status("VmHWM"), peak_prefill_rss_mib=peak_prefill, rss_before_mib=base,
+                torch=torch.__version__)
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = []
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"skipping corrupt line in {out}: {line[:80]!r}", file=sys.stderr)
+    return rows
+
+
+def _key(r: dict) -> tuple:
+    return (r["method"], r["length"], r["dtype"], r["threads"], r["new_tokens"])
+
+
+def _ratio(row: dict, vanilla: dict | None, field: str) -> str:
+    return f"{row[field] / vanilla[field]:.3f}x" if vanilla else "-"
+
+
+def report(rows: list[dict]) -> str:
+    lines = [f"# Model level: embedded SmolLM2-135M-Instruct, {platform.machine()}, torch {torch.__version__}",
+             "", "| length | dtype | method | prefill s | ratio | peak RSS MiB | ratio | decode tok/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    cells = sorted({(r["length"], r["dtype"], r["threads"], r["new_tokens"]) for r in rows})
+    for length, dtype, threads, new in cells:
+        by = {r["method"]: r for r in rows if (r["length"], r["dtype"], r["threads"], r["new_tokens"]) == (length, dtype, threads, new)}
+        v = by.get("vanilla")
+        for m in METHODS:
+            if m not in by:
+                continue
+            r = by[m]
+            pre, mem, dec = (_ratio(r, v, f) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s"))
+            lines.append(f"| {length} | {dtype} | {m} | {r['prefill_s']:.1f} | {pre} | {r['peak_rss_mib']:.0f} | {mem} | "
+                         f"{r['decode_tok_s']:.2f} | {dec} |")
+    lines.append(f"\nTargets for self-extend: prefill <= {TARGETS['prefill']}x, peak RSS <= {TARGETS['memory']}x, "
+                 f"decode >= {TARGETS['decode']}x (ratios to vanilla in the same run).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="16k,32k")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model.jsonl")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    from selfextend.harness.runner import parse_length
+
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    if args.child:  # one cell, in this fresh process
+        length, dtype = lengths[0], args.dtypes
+        print(json.dumps(measure(args.child, length, dtype, args.threads, args.new_tokens)))
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = _rows(args.out)
+    done = {_key(r) for r in rows}
+    for length in lengths:
+        for dtype in args.dtypes.split(","):
+            for method in args.methods.split(","):
+                if (method, length, dtype, args.threads, args.new_tokens) in done:
+                    continue
+                cmd = [sys.executable, __file__, "--child", method, "--lengths", str(length), "--dtypes", dtype,
+                       "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+                res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                if res.returncode != 0:
+                    raise SystemExit(f"{method} {length} {dtype} failed:\n{res.stderr[-3000:]}")
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+                print(f"{method} {length} {dtype}: prefill {row['prefill_s']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB, "
+                      f"decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
