@@ -159,6 +159,8 @@ class GroupedCache:
         need = max(0, written - window)
         if need <= count:
             return key[:, :, :written]
+        if count == 0:  # a prefill: rotate them all (the last ``window`` are never read as grouped keys)
+            return rotate(key[:, :, :written], _delta(key_pos[:, :written], group_size))
         grouped = key[:, :, :written].clone()
         grouped[:, :, count:need] = rotate(key[:, :, count:need], _delta(key_pos[:, count:need], group_size))
         return grouped

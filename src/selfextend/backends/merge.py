@@ -1,8 +1,9 @@
 """Log-sum-exp merge of two attention passes over disjoint key sets.
 
 If pass a has output ``o_a`` and log-sum-exp ``lse_a`` over its keys and pass b likewise, one softmax
-over the union gives ``o = o_a * sigmoid(lse_a - lse_b) + o_b * sigmoid(lse_b - lse_a)``. A pass with no
-keys for a row has ``lse = -inf`` and contributes nothing (its output must be finite, e.g. zero).
+over the union gives ``o = o_a * sigmoid(lse_a - lse_b) + o_b * sigmoid(lse_b - lse_a)``, i.e.
+``lerp(o_b, o_a, sigmoid(lse_a - lse_b))``. A pass with no keys for a row has ``lse = -inf`` and
+contributes nothing (its output must be finite, e.g. zero).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ def merge_lse(
         ``(out, lse)`` with ``out`` in fp32 and ``lse = logaddexp(lse_a, lse_b)``.
     """
     lse = torch.logaddexp(lse_a, lse_b)
-    # exp(lse_a - lse) == sigmoid(lse_a - lse_b), and is exactly 0 when lse_a = -inf (no NaN from inf - inf
-    # unless both are -inf, handled below).
-    w_a = torch.exp(lse_a - lse).nan_to_num(0.0)[..., None]
-    w_b = torch.exp(lse_b - lse).nan_to_num(0.0)[..., None]
-    out = out_a.to(torch.float32) * w_a + out_b.to(torch.float32) * w_b
+    # sigmoid(-inf) = 0 for a pass without keys; NaN (-inf - -inf: neither pass has keys) -> 0
+    w_a = torch.sigmoid(lse_a - lse_b).nan_to_num_(0.0)[..., None]
+    # one fused pass over the outputs: out_b + w_a * (out_a - out_b)
+    out = torch.lerp(out_b.to(torch.float32), out_a.to(torch.float32), w_a)
     return out, lse
