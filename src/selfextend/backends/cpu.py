@@ -50,7 +50,7 @@ class BlockwiseBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, block_size: int = 512):
+    def __init__(self, block_size: int = 256):  # at 16k, 2 threads: 1.08x SDPA vs 1.11x with 512
         self.block_size = block_size
 
     def supports(self, inp: SelfExtendInputs) -> str | None:
