@@ -80,18 +80,20 @@ def test_remove_gives_back_a_vanilla_cache():
     assert close(run(model, x, cache, 100, 104), run(model, x, untouched, 100, 104))
 
 
-def test_model_created_cache_is_grouped_from_its_first_continuation():
+def test_cache_the_model_creates_is_adopted_after_its_prefill():
     model = build_model("llama")
     x = ids()
     selfextend.apply(model, group_size=G, window=W)
     with torch.no_grad():
-        out = model(x[:, :PROMPT], use_cache=True)  # the model creates the cache: nothing kept yet
-        assert not hasattr(out.past_key_values, RECORD_ATTR)
+        out = model(x[:, :PROMPT], use_cache=True)  # no cache passed: the model creates it inside the call
+        assert getattr(out.past_key_values, RECORD_ATTR).layers[0] == (PROMPT - W + 1, G)
         out2 = model(x[:, PROMPT : PROMPT + 1], past_key_values=out.past_key_values, use_cache=True)
     assert getattr(out.past_key_values, RECORD_ATTR).layers[0] == (PROMPT + 1 - W + 1, G)
     assert close(out2.logits, full_logits(model, x[:, : PROMPT + 1])[:, -1:])
     with torch.no_grad():
         model(x, use_cache=False)  # no cache: nothing to keep, nothing breaks
+        copying = model(x[:, :PROMPT], past_key_values=CopyingCache(), use_cache=True).past_key_values
+    assert not hasattr(copying, RECORD_ATTR)
 
 
 def test_copies_reordered_beams_and_crops_stay_exact():

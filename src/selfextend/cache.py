@@ -113,7 +113,9 @@ class GroupedCache:
 
     def __init__(self, base_model: torch.nn.Module) -> None:
         self.cache: Any = None
-        self.persist = False
+        self.use_cache = False
+        self._pending: dict[int, tuple[int, int, int, Rotate]] = {}  # layer -> (count, G, key data_ptr, rotate)
+        self._pending_pos: torch.Tensor | None = None
         self._seen: weakref.WeakSet = weakref.WeakSet()
         self._rotate: dict[int, Rotate] = {}
         self._signature = inspect.signature(base_model.forward)
@@ -129,22 +131,42 @@ class GroupedCache:
             bound = kwargs
         self.cache = bound.get("past_key_values")
         use_cache = bound.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", True)
-        # a cache the model creates inside this call is not visible yet: its first call rotates per call,
-        # and the next call (which passes it in) starts keeping grouped keys
-        self.persist = bool(use_cache) and self.cache is not None
+        self.use_cache = bool(getattr(module.config, "use_cache", True) if use_cache is None else use_cache)
+        self._pending, self._pending_pos = {}, None
 
     def _after(self, module, args, output) -> None:
-        self.cache, self.persist = None, False
+        """A cache the model created inside this call (a prefill with none passed in) becomes visible now:
+        adopt the keys written during the call if they are its storage."""
+        cache = getattr(output, "past_key_values", None)
+        if self._pending and cache is not None and getattr(cache, RECORD_ATTR, None) is None:
+            self.cache = cache
+            for layer_idx, (count, group_size, ptr, rotate) in self._pending.items():
+                stored = self._stored(layer_idx)
+                if stored is not None and stored.data_ptr() == ptr:
+                    self._record(layer_idx, count, group_size, self._pending_pos, rotate)
+        self.cache, self.use_cache, self._pending, self._pending_pos = None, False, {}, None
+
+    def _stored(self, layer_idx: int | None) -> torch.Tensor | None:
+        layers = getattr(self.cache, "layers", None)
+        if layer_idx is None or not layers or layer_idx >= len(layers):
+            return None
+        stored = getattr(layers[layer_idx], "keys", None)
+        return stored if isinstance(stored, torch.Tensor) else None
+
+    def _record(self, layer_idx: int, count: int, group_size: int, key_pos: torch.Tensor, rotate: Rotate) -> None:
+        record = getattr(self.cache, RECORD_ATTR, None)
+        if record is None:
+            record = GroupedRecord()
+            setattr(self.cache, RECORD_ATTR, record)
+            self._seen.add(self.cache)
+        record.layers[layer_idx] = (count, group_size)
+        record.key_pos = key_pos
+        self._rotate[layer_idx] = rotate
 
     def _owns(self, layer_idx: int | None, key: torch.Tensor) -> bool:
         """Is ``key`` the cache's own storage for this layer (so that writing into it persists)?"""
-        layers = getattr(self.cache, "layers", None)
-        if layer_idx is None or not layers or layer_idx >= len(layers):
-            return False
-        stored = getattr(layers[layer_idx], "keys", None)
-        return isinstance(stored, torch.Tensor) and stored.data_ptr() == key.data_ptr() and stored.shape == key.shape
+        stored = self._stored(layer_idx)
+        return stored is not None and stored.data_ptr() == key.data_ptr() and stored.shape == key.shape
 
     def grouped_keys(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, written: int,
                      q_start: int, window: int, group_size: int, contiguous: bool, rotate: Rotate) -> torch.Tensor:
@@ -191,27 +213,31 @@ class GroupedCache:
 
     def commit(self, layer_idx: int | None, key: torch.Tensor, grouped: torch.Tensor, key_pos: torch.Tensor,
                written: int, window: int, group_size: int, contiguous: bool, rotate: Rotate) -> None:
-        """After the call: rotate, in the cache, the keys no later query sees as neighbors."""
-        if not (self.persist and contiguous and self._owns(layer_idx, key)):
+        """After the call: rotate, in the cache, the keys no later query sees as neighbors.
+
+        Without a visible cache (the model creates one inside a prefill) the keys are written anyway and
+        adopted by ``_after`` only if they turn out to be the new cache's storage; otherwise they were the
+        layer's temporaries and nothing reads them again."""
+        if not (self.use_cache and contiguous and layer_idx is not None):
             return
-        record = getattr(self.cache, RECORD_ATTR, None)
-        if record is None:
-            record = GroupedRecord()
-            setattr(self.cache, RECORD_ATTR, record)
-            self._seen.add(self.cache)
-        count = record.layers.get(layer_idx, (0, group_size))[0]
+        visible = self.cache is not None
+        if visible and not self._owns(layer_idx, key):
+            return
+        record: GroupedRecord | None = getattr(self.cache, RECORD_ATTR, None) if visible else None
+        count = record.layers.get(layer_idx, (0, group_size))[0] if record is not None else 0
         target = max(0, written - window + 1)  # the next query (position written) sees keys < target grouped
         if target > count:
             copied = count
             if grouped.data_ptr() != key.data_ptr():  # a copy whose [count, written - window) is rotated
                 copied = max(count, min(target, written - window))
                 key[:, :, count:copied] = grouped[:, :, count:copied]
-            lo = copied
-            key[:, :, lo:target] = rotate(key[:, :, lo:target], _delta(key_pos[:, lo:target], group_size))
+            key[:, :, copied:target] = rotate(key[:, :, copied:target], _delta(key_pos[:, copied:target], group_size))
             count = target
-        record.layers[layer_idx] = (count, group_size)
-        record.key_pos = key_pos
-        self._rotate[layer_idx] = rotate
+        if visible:
+            self._record(layer_idx, count, group_size, key_pos, rotate)
+        else:
+            self._pending[layer_idx] = (count, group_size, key.data_ptr(), rotate)
+            self._pending_pos = key_pos
 
     def close(self) -> None:
         """Remove the hooks and rotate every cache this model grouped back to true positions."""
