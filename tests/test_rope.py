@@ -35,3 +35,11 @@ def test_zero_delta_is_identity():
     x = torch.randn(1, 2, 5, 8)
     inv_freq = torch.rand(4)
     assert torch.equal(rotate_by(x, torch.zeros(1, 5, dtype=torch.long), inv_freq), x)
+
+
+def test_long_inputs_rotate_in_chunks_with_the_same_result():
+    x = torch.randn(1, 3, 5000, 16, dtype=torch.bfloat16)
+    delta = torch.randint(-9000, 0, (1, 5000))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    pieces = [rotate_by(x[:, :, s : s + 1000], delta[:, s : s + 1000], inv_freq) for s in range(0, 5000, 1000)]
+    assert torch.equal(rotate_by(x, delta, inv_freq), torch.cat(pieces, 2))

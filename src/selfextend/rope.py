@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 LAYOUTS = ("rotate_half", "interleaved")
+_CHUNK = 2048  # positions rotated at a time
 
 
 def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:
@@ -35,6 +36,11 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layo
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if x.shape[2] > _CHUNK:  # fp32 temporaries per chunk, not per sequence: a 16k bf16 prefill would
+        out = torch.empty_like(x)  # otherwise hold ~8 query-sized fp32 tensors at once
+        for s in range(0, x.shape[2], _CHUNK):
+            out[:, :, s : s + _CHUNK] = rotate_by(x[:, :, s : s + _CHUNK], delta[:, s : s + _CHUNK], inv_freq, layout)
+        return out
     half = inv_freq.numel()
     rd = 2 * half
     work = torch.promote_types(x.dtype, torch.float32)

@@ -24,6 +24,8 @@ from .base import Backend, SelfExtendInputs
 from .merge import merge_lse
 from .primitives import attention_with_lse
 
+_MERGE_ROWS = 2048
+
 
 def _valid_ranges(inp: SelfExtendInputs) -> list[tuple[int, int]] | None:
     """Per row, the [first, last] key index of its real tokens, or None if they are not contiguous."""
@@ -101,8 +103,11 @@ class BlockwiseBackend(Backend):
                 o1, l1 = attention_with_lse(qg, kg[:, :, :p], vg[:, :, :p], scale, softcap=softcap)
                 o2, l2 = attention_with_lse(qg, kg[:, :, p:], vg[:, :, p:], scale, causal=True, softcap=softcap)
                 out_g, lse_g = merge_lse(o1, l1, o2, l2)
-            merged, _ = merge_lse(out[:, :, r0:], lse[:, :, r0:], out_g, lse_g)
-            out[:, :, r0:] = merged.to(out.dtype)
+            for s in range(0, m_g, _MERGE_ROWS):  # fp32 merge temporaries per chunk of rows
+                e = min(m_g, s + _MERGE_ROWS)
+                rows_ = slice(r0 + s, r0 + e)
+                merged, _ = merge_lse(out[:, :, rows_], lse[:, :, rows_], out_g[:, :, s:e], lse_g[:, :, s:e])
+                out[:, :, rows_] = merged.to(out.dtype)
         return out
 
     def _neighbor_pass(self, q, k, v, off, window, scale, softcap):
