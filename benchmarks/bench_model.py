@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from selfextend.cache import cache_kwarg, output_cache
+
 METHODS = ("vanilla", "self-extend", "dca")
 TARGETS = {"prefill": 1.10, "memory": 1.10, "decode": 0.95}
 
@@ -73,11 +75,11 @@ def measure(method: str, length: int, dtype: str, threads: int, new_tokens: int)
     out = model(ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t0
     peak_prefill = _status("VmHWM")
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(token, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+        cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     decode = time.perf_counter() - t1
     return dict(method=method, params={k: v for k, v in params.items() if not isinstance(v, bool)}, length=length,
                 dtype=dtype, threads=threads, new_tokens=new_tokens, prefill_s=prefill, decode_tok_s=new_tokens / decode,

@@ -29,6 +29,25 @@ import torch
 
 from .positions import grouped_key_positions
 
+# transformers 5.24 renamed the forward argument and output field ``past_key_values`` to ``cache`` (the
+# old name is deprecated, removed in 5.40); these two helpers work with either.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes the KV cache on the installed transformers."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward call returned, or None."""
+    for name in _CACHE_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
 
 class GroupedKeyStore:
     """Rotated keys kept beside the cache: a prefill from an empty cache keeps nothing (its peak memory is
@@ -108,7 +127,7 @@ class GroupedCache:
     """Per model: finds the cache of the running forward and keeps its old keys at grouped positions.
 
     The attention registry does not pass the cache to attention functions, so hooks on the base model
-    (public ``nn.Module`` hooks, nothing patched) note the ``past_key_values`` of each forward call.
+    (public ``nn.Module`` hooks, nothing patched) note the cache (``cache``, formerly ``past_key_values``) of each forward call.
     """
 
     def __init__(self, base_model: torch.nn.Module) -> None:
@@ -129,7 +148,8 @@ class GroupedCache:
             bound = self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
-        self.cache = bound.get("past_key_values")
+        extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
+        self.cache = next((c for n in _CACHE_NAMES for c in (bound.get(n), extra.get(n)) if c is not None), None)
         use_cache = bound.get("use_cache")
         self.use_cache = bool(getattr(module.config, "use_cache", True) if use_cache is None else use_cache)
         self._pending, self._pending_pos = {}, None
@@ -137,7 +157,7 @@ class GroupedCache:
     def _after(self, module, args, output) -> None:
         """A cache the model created inside this call (a prefill with none passed in) becomes visible now:
         adopt the keys written during the call if they are its storage."""
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if self._pending and cache is not None and getattr(cache, RECORD_ATTR, None) is None:
             self.cache = cache
             for layer_idx, (count, group_size, ptr, rotate) in self._pending.items():

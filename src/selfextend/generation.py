@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import cache_kwarg, output_cache
+
 
 @contextlib.contextmanager
 def layer_progress(model: torch.nn.Module, desc: str = "prefill", enabled: bool = True) -> Iterator[None]:
@@ -58,7 +60,7 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 16, progr
     with layer_progress(model, f"prefill {ids.shape[1]} tokens", progress):
         out = model(ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t0
-    cache = out.past_key_values
+    cache, cache_arg = output_cache(out), cache_kwarg(model)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated: list[int] = []
     t1 = time.perf_counter()
@@ -75,8 +77,8 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 16, progr
         text = new_text
         if len(generated) == max_new_tokens:
             break
-        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(token, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     decode = time.perf_counter() - t1
     return Answer(text, full.shape[1], prefill, len(generated), decode, ids.shape[1])
