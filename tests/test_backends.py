@@ -30,13 +30,14 @@ def test_blockwise_matches_reference(shape, q_len, block):
 
 
 @pytest.mark.parametrize("q_len", [None, 1, 25])
-def test_blockwise_left_padding(q_len):
+@pytest.mark.parametrize("block", [4, 16])  # prefill blocks batched (block <= W) and one by one
+def test_blockwise_left_padding(q_len, block):
     valid = torch.ones(3, 120, dtype=torch.bool)
     valid[0, :17] = False
     valid[1, :60] = False
     inp = make_inputs(3, 4, 2, 120, 16, 8, 4, q_len=q_len, key_valid=valid)
     ref = real_rows(BACKENDS["reference"].forward(inp), inp)
-    out = real_rows(BlockwiseBackend(16).forward(inp), inp)
+    out = real_rows(BlockwiseBackend(block).forward(inp), inp)
     assert (out - ref).abs().max() < 2e-5
 
 
