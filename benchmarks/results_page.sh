@@ -26,9 +26,16 @@ step_passkey_long() {
   $SE eval passkey "${C[@]}" --methods self-extend,dca:vanilla_within_trained=false --lengths 24k --depths $D3 --out $P
   $SE eval passkey "${C[@]}" --methods vanilla,self-extend,linear,ntk,dynamic-ntk,yarn,truncate,dca --lengths 24k,32k --depths $D3 --out $P
 }
-step_ruler() {
-  for task in niah niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe kv_retrieval; do
-    $SE eval $task "${C[@]}" --methods vanilla,self-extend,yarn,dca --lengths 8k,16k --depths 3 --out docs/results/ruler
+RULER_TASKS="niah_single niah_multikey niah_multikey_uuid niah_multivalue niah_multiquery vt cwe fwe kv_retrieval niah"
+step_ruler() {  # at 8k every method resolves to vanilla (G=1, factor 1, DCA vanilla within L): vanilla only
+  for task in $RULER_TASKS; do
+    $SE eval $task "${C[@]}" --methods vanilla --lengths 8k --depths 0.5 --out docs/results/ruler
+    $SE eval $task "${C[@]}" --methods vanilla,self-extend,dynamic-ntk --lengths 16k --depths 0.5 --out docs/results/ruler
+  done
+}
+step_ruler_more() {
+  for task in $RULER_TASKS; do
+    $SE eval $task "${C[@]}" --methods yarn,dca --lengths 16k --depths 0.5 --out docs/results/ruler
   done
 }
 step_tune() {
@@ -38,5 +45,5 @@ step_tune() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long passkey_long ruler tune)
+[ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long ruler_more tune)
 for s in "${steps[@]}"; do "step_$s"; done
