@@ -9,7 +9,10 @@ loading the model and a warm-up): prefill of the first ``length`` tokens of ``py
 methods of one (length, dtype) run back to back, and the report prints their ratios to vanilla measured in
 the same run: prefill time, peak RSS, decode tokens/s. Settings come from ``target_length=length`` (the
 authors' rule for SelfExtend: G=4 W=1024 at 16k, G=8 at 32k; ChunkLlama's defaults for DCA). Rows are
-appended to ``--out`` as soon as they are measured; a re-run skips cells already there.
+appended to ``--out`` as soon as they are measured; a re-run skips cells already there. Children inherit the
+environment: glibc's default allocator is what users run (peak RSS then varies by a few hundred MiB between
+identical runs, as freed blocks stay in the heap); ``MALLOC_MMAP_THRESHOLD_=131072`` makes peak RSS
+repeatable but slows decoding 2.5x (every cache growth maps fresh pages), so it is recorded, not set.
 """
 
 from __future__ import annotations
@@ -84,7 +87,14 @@ def measure(method: str, length: int, dtype: str, threads: int, new_tokens: int)
     return dict(method=method, params={k: v for k, v in params.items() if not isinstance(v, bool)}, length=length,
                 dtype=dtype, threads=threads, new_tokens=new_tokens, prefill_s=prefill, decode_tok_s=new_tokens / decode,
                 peak_rss_mib=_status("VmHWM"), peak_prefill_rss_mib=peak_prefill, rss_before_mib=base,
-                torch=torch.__version__)
+                torch=torch.__version__, transformers=_transformers_version(),
+                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _rows(out: Path) -> list[dict]:

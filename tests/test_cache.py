@@ -13,7 +13,7 @@ from conftest import build_model
 from transformers import DynamicCache
 
 import selfextend
-from selfextend.cache import RECORD_ATTR
+from selfextend.cache import RECORD_ATTR, cache_kwarg, output_cache
 from selfextend.positions import grouped_key_positions
 from selfextend.rope import rotate_by
 
@@ -151,3 +151,20 @@ def test_cache_that_copies_its_keys_is_never_written():
     got = torch.cat([run(model, x, cache, 0, PROMPT, PROMPT), run(model, x, cache, PROMPT, 90)], 1)
     assert close(got, full_logits(model, x[:, :90]))
     assert not hasattr(cache, RECORD_ATTR)
+
+
+def test_cache_found_under_either_transformers_name():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (argument and output field): the hooks must
+    see the cache under the installed name, or decoding would silently re-rotate the whole cache."""
+    model = build_model("llama")
+    name = cache_kwarg(model)
+    assert name in ("cache", "past_key_values")
+    selfextend.apply(model, group_size=G, window=W)
+    x = ids()
+    with torch.no_grad():
+        out = model(x[:, :PROMPT], use_cache=True)
+        cache = output_cache(out)
+        assert cache is not None and getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT - W + 1
+        model(x[:, PROMPT : PROMPT + 1], use_cache=True, **{name: cache})
+    assert getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT + 1 - W + 1  # one more key grouped, in place
+    assert output_cache(object()) is None
