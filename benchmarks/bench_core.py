@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import read_jsonl  # benchmarks/ is on sys.path when a script runs
 
 METHODS = {"vanilla": None, "selfextend": (4, 1024)}  # name -> (group_size, window)
 DEPTHS = (0.05, 0.3, 0.5, 0.7, 0.95)
@@ -76,18 +77,6 @@ def passkey_rows(model, tok, method: str, length: int, depth: float) -> dict:
                 answer=ans.text, correct=score_passkey(ans.text, sample.expected[0]), prefill_s=ans.prefill_seconds)
 
 
-def _done(out: Path) -> list[dict]:
-    if not out.exists():
-        return []
-    rows = []
-    for line in out.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"skipping corrupt line in {out}: {line[:80]!r}", file=sys.stderr)
-    return rows
-
-
 def _append(out: Path, rows) -> None:
     with out.open("a") as f:
         for row in rows if isinstance(rows, list) else [rows]:
@@ -131,7 +120,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "core.jsonl")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done(args.out)
+    done = read_jsonl(args.out)
 
     def have(**kw) -> bool:
         return any(all(r.get(k) == v for k, v in kw.items()) and r.get("length", 0) >= args.length * 0.98 for r in done)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import read_jsonl  # benchmarks/ is on sys.path when a script runs
 
 from selfextend.cache import cache_kwarg, output_cache
 
@@ -97,17 +98,6 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _rows(out: Path) -> list[dict]:
-    rows = []
-    if out.exists():
-        for line in out.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"skipping corrupt line in {out}: {line[:80]!r}", file=sys.stderr)
-    return rows
-
-
 def _key(r: dict) -> tuple:
     return (r["method"], r["length"], r["dtype"], r["threads"], r["new_tokens"])
 
@@ -154,7 +144,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, length, dtype, args.threads, args.new_tokens)))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = _rows(args.out)
+    rows = read_jsonl(args.out)
     done = {_key(r) for r in rows}
     for length in lengths:
         for dtype in args.dtypes.split(","):
