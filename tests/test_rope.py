@@ -43,3 +43,25 @@ def test_long_inputs_rotate_in_chunks_with_the_same_result():
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     pieces = [rotate_by(x[:, :, s : s + 1000], delta[:, s : s + 1000], inv_freq) for s in range(0, 5000, 1000)]
     assert torch.equal(rotate_by(x, delta, inv_freq), torch.cat(pieces, 2))
+
+
+@pytest.mark.parametrize("layout", ["rotate_half", "interleaved"])
+@pytest.mark.parametrize("rotary_dims", [16, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rotation_by_cached_matrix_matches(layout, rotary_dims, dtype):
+    """A decode step's few deltas rotate by a cached (D x D) matrix: the same map, rounding aside."""
+    torch.manual_seed(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dims, 2).float() / rotary_dims))
+    x = torch.randn(2, 3, 1, 16).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # like a model's (B, H, 1, D) view
+    delta = torch.tensor([[-7000], [-12]])  # rows at different positions (a left-padded batch)
+    memo: dict = {}
+    fast = rotate_by(x, delta, inv_freq, layout, memo)
+    assert len(memo) == 1 and fast.dtype == dtype and fast.shape == x.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(fast.float(), rotate_by(x, delta, inv_freq, layout).float(), atol=tol)
+    again = rotate_by(x * 2, delta, inv_freq, layout, memo)  # same deltas: the matrix is reused
+    assert len(memo) == 1 and torch.allclose(again.float(), 2 * fast.float(), atol=2 * tol)
+    rotate_by(x, delta + 1, inv_freq, layout, memo)
+    assert len(memo) == 2
+    if rotary_dims < 16:
+        assert torch.equal(fast[..., rotary_dims:], x[..., rotary_dims:])

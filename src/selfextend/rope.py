@@ -20,9 +20,12 @@ import torch
 
 LAYOUTS = ("rotate_half", "interleaved")
 _CHUNK = 2048  # positions rotated at a time
+_SMALL = 8  # at most this many (row, position) deltas: rotate by a cached matrix (decode steps)
 
 
-def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:
+def rotate_by(
+    x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half", memo: dict | None = None
+) -> torch.Tensor:
     """Rotate ``x`` by ``delta`` positions.
 
     Args:
@@ -30,12 +33,17 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layo
         delta: (B, T) integer position offsets (may be negative).
         inv_freq: (rd/2,) the model's inverse frequencies; ``rd <= D`` channels rotate.
         layout: ``"rotate_half"`` or ``"interleaved"``.
+        memo: a dict that lives for one forward call (every layer shares its deltas). With it, a few deltas
+            on CPU (a decode step) rotate by one cached (D x D) matrix product: about 15 small ops per call
+            become one, which is most of SelfExtend's per-layer cost when decoding.
 
     Returns:
         A new tensor of ``x``'s shape and dtype.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if memo is not None and delta.numel() <= _SMALL and x.device.type == "cpu":
+        return _rotate_small(x, delta, inv_freq, layout, memo)
     if x.shape[2] > _CHUNK:  # fp32 temporaries per chunk, not per sequence: a 16k bf16 prefill would
         out = torch.empty_like(x)  # otherwise hold ~8 query-sized fp32 tensors at once
         for s in range(0, x.shape[2], _CHUNK):
@@ -58,6 +66,19 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layo
     if rd == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., rd:]), dim=-1)
+
+
+def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str, memo: dict) -> torch.Tensor:
+    """``rotate_by`` as ``x @ M`` with ``M`` (per row and position) the rotation of the identity, built once
+    per forward and delta. Rotations are linear, so this is the same map; only the rounding order differs."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    dim = x.shape[-1]
+    key = ("rotation", inv_freq.data_ptr(), inv_freq._version, layout, dim, work, tuple(delta.shape), tuple(delta.flatten().tolist()))
+    mat = memo.get(key)
+    if mat is None:
+        basis = torch.eye(dim, dtype=work).expand(delta.shape[0], dim, dim)[:, :, None, :].expand(-1, -1, delta.shape[1], -1)
+        mat = memo[key] = rotate_by(basis, delta, inv_freq, layout)  # (B, D, T, D): row c is e_c rotated
+    return torch.einsum("bhtc,bctd->bhtd", x.to(work), mat).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:

@@ -87,6 +87,13 @@ class BlockwiseBackend(Backend):
         window, scale, softcap = inp.window, inp.scaling, inp.softcap
         n, m = k.shape[2], q.shape[2]
         off = n - m  # query r is key r + off
+        if m == 1:  # decode: the last W keys, the grouped rest, one merge (no block loop, no chunked merge)
+            ks = max(0, n - window)
+            out, lse = attention_with_lse(q, k[:, :, ks:], v[:, :, ks:], scale, softcap=softcap)
+            if ks == 0:
+                return out
+            out_g, lse_g = attention_with_lse(qg, kg[:, :, :ks], v[:, :, :ks], scale, softcap=softcap)
+            return merge_lse(out, lse, out_g, lse_g)[0].to(out.dtype)
 
         out, lse = self._neighbor_pass(q, k, v, off, window, scale, softcap)
 

@@ -51,7 +51,7 @@ class MaskSpec:
     """What transformers' mask creation was asked for, kept lazy (see module docstring)."""
 
     kwargs: dict[str, Any]
-    _materialized: dict[str, Any] = field(default_factory=dict)
+    _materialized: dict[Any, Any] = field(default_factory=dict)  # per forward: masks, positions, rotations
 
     @property
     def is_plain_causal(self) -> bool:
@@ -194,9 +194,10 @@ def selfextend_attention_forward(
     max_pos = int(query_pos.max())
     inv_freq = layer.inv_freq()
     keeper = state.grouped_cache
+    memo = spec._materialized if spec is not None else None  # every layer of this forward rotates by the same deltas
 
     def rotate(keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return rotate_by(keys, delta, inv_freq, layer.layout)
+        return rotate_by(keys, delta, inv_freq, layer.layout, memo)
 
     if max_pos < cfg.window or cfg.group_size == 1:  # every key is a neighbor / G = 1: vanilla by definition
         if keeper.holds(layer.layer_idx, key):  # a cache grouped earlier (then cropped, or G changed)
