@@ -73,12 +73,16 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
     per forward and delta. Rotations are linear, so this is the same map; only the rounding order differs."""
     work = torch.promote_types(x.dtype, torch.float32)
     dim = x.shape[-1]
-    key = ("rotation", inv_freq.data_ptr(), inv_freq._version, layout, dim, work, tuple(delta.shape), tuple(delta.flatten().tolist()))
+    values = (delta.item(),) if delta.numel() == 1 else tuple(delta.flatten().tolist())
+    key = ("rotation", inv_freq.data_ptr(), inv_freq._version, layout, dim, work, tuple(delta.shape), values)
     mat = memo.get(key)
     if mat is None:
         basis = torch.eye(dim, dtype=work).expand(delta.shape[0], dim, dim)[:, :, None, :].expand(-1, -1, delta.shape[1], -1)
-        mat = memo[key] = rotate_by(basis, delta, inv_freq, layout)  # (B, D, T, D): row c is e_c rotated
-    return torch.einsum("bhtc,bctd->bhtd", x.to(work), mat).to(x.dtype)
+        mat = rotate_by(basis, delta, inv_freq, layout)  # (B, D, T, D): row c is e_c rotated
+        mat = memo[key] = mat[0, :, 0] if delta.numel() == 1 else mat
+    xw = x if x.dtype == work else x.to(work)
+    out = xw @ mat if delta.numel() == 1 else torch.einsum("bhtc,bctd->bhtd", xw, mat)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:

@@ -93,7 +93,9 @@ class BlockwiseBackend(Backend):
             if ks == 0:
                 return out
             out_g, lse_g = attention_with_lse(qg, kg[:, :, :ks], v[:, :, :ks], scale, softcap=softcap)
-            return merge_lse(out, lse, out_g, lse_g)[0].to(out.dtype)
+            # merge_lse without its lse output and NaN guard: both passes have keys, so both lse are finite
+            w = torch.sigmoid(lse - lse_g).unsqueeze(-1)
+            return torch.lerp(out_g.to(torch.float32), out.to(torch.float32), w).to(out.dtype)
 
         out, lse = self._neighbor_pass(q, k, v, off, window, scale, softcap)
 

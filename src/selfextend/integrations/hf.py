@@ -81,6 +81,13 @@ class MaskSpec:
             self._materialized[key] = (key_valid, key_positions(query_pos, key_valid, q_start, kv_len)[0])
         return self._materialized[key]
 
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per forward: every layer of a forward shares its positions and deltas, and a
+        decode step is cheap enough that recomputing them per layer would show."""
+        if key not in self._materialized:
+            self._materialized[key] = compute()
+        return self._materialized[key]
+
     def materialize(self, implementation: str):
         """The mask the original ``implementation`` would have received (built once per forward)."""
         if implementation not in self._materialized:
@@ -138,6 +145,11 @@ def query_positions(query: torch.Tensor, kv_len: int, spec: MaskSpec | None, kwa
     return q_start, position_ids.to(query.device).expand(bsz, q_len).long()
 
 
+def _query(query: torch.Tensor, kv_len: int, spec: MaskSpec | None, kwargs: dict) -> tuple[int, torch.Tensor, int]:
+    q_start, query_pos = query_positions(query, kv_len, spec, kwargs)
+    return q_start, query_pos, int(query_pos.max())
+
+
 def call_key_positions(method: str, spec: MaskSpec | None, attention_mask: Any, query_pos: torch.Tensor,
                        q_start: int, kv_len: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(key_valid, key_pos)`` for a remapping method's call, refusing masks it cannot honor."""
@@ -190,8 +202,11 @@ def selfextend_attention_forward(
 
     bsz, _, q_len, head_dim = query.shape
     kv_len = key.shape[2]
-    q_start, query_pos = query_positions(query, kv_len, spec, kwargs)
-    max_pos = int(query_pos.max())
+
+    def per_forward(key: Any, compute: Callable[[], Any]) -> Any:
+        return spec.memo(key, compute) if spec is not None else compute()
+
+    q_start, query_pos, max_pos = per_forward(("query", bsz, q_len, kv_len, query.device), lambda: _query(query, kv_len, spec, kwargs))
     inv_freq = layer.inv_freq()
     keeper = state.grouped_cache
     memo = spec._materialized if spec is not None else None  # every layer of this forward rotates by the same deltas
@@ -210,7 +225,8 @@ def selfextend_attention_forward(
     key_valid, key_pos = call_key_positions("SelfExtend", spec, attention_mask, query_pos, q_start, kv_len)
 
     G, W = cfg.group_size, cfg.window
-    grouped_query = rotate(query, grouped_query_positions(query_pos, G, W) - query_pos)
+    query_delta = per_forward(("query_delta", bsz, q_len, kv_len, query.device, G, W), lambda: grouped_query_positions(query_pos, G, W) - query_pos)
+    grouped_query = rotate(query, query_delta)
     written = q_start + q_len
     contiguous = ends_contiguous(key_valid, written)
     grouped_key = keeper.grouped_keys(layer.layer_idx, key, key_pos, written, q_start, W, G, contiguous, rotate)
