@@ -89,7 +89,8 @@ def measure(method: str, length: int, dtype: str, threads: int, new_tokens: int)
                 dtype=dtype, threads=threads, new_tokens=new_tokens, prefill_s=prefill, decode_tok_s=new_tokens / decode,
                 peak_rss_mib=_status("VmHWM"), peak_prefill_rss_mib=peak_prefill, rss_before_mib=base,
                 torch=torch.__version__, transformers=_transformers_version(),
-                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                malloc_trim_threshold=os.environ.get("MALLOC_TRIM_THRESHOLD_"))
 
 
 def _transformers_version() -> str:
