@@ -75,11 +75,12 @@ class MaskSpec:
 
     def positions(self, query_pos: torch.Tensor, q_start: int, kv_len: int):
         """``(key_valid, key_pos)`` for this forward, cached: every layer of a forward shares them."""
-        key = (q_start, kv_len)  # one spec per forward, so one set of position_ids
-        if key not in self._materialized:
+
+        def compute():
             key_valid = self.key_valid(kv_len)
-            self._materialized[key] = (key_valid, key_positions(query_pos, key_valid, q_start, kv_len)[0])
-        return self._materialized[key]
+            return key_valid, key_positions(query_pos, key_valid, q_start, kv_len)[0]
+
+        return self.memo((q_start, kv_len), compute)  # one spec per forward, so one set of position_ids
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per forward: every layer of a forward shares its positions and deltas, and a
@@ -90,10 +91,8 @@ class MaskSpec:
 
     def materialize(self, implementation: str):
         """The mask the original ``implementation`` would have received (built once per forward)."""
-        if implementation not in self._materialized:
-            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[implementation] if implementation in ALL_MASK_ATTENTION_FUNCTIONS else None
-            self._materialized[implementation] = mask_fn(**self.kwargs) if mask_fn is not None else self.kwargs.get("attention_mask")
-        return self._materialized[implementation]
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[implementation] if implementation in ALL_MASK_ATTENTION_FUNCTIONS else None
+        return self.memo(implementation, lambda: mask_fn(**self.kwargs) if mask_fn is not None else self.kwargs.get("attention_mask"))
 
 
 def selfextend_mask(**kwargs) -> MaskSpec:
