@@ -7,7 +7,9 @@ Each cell (length, dtype, method) runs in a fresh subprocess, so peak RSS is its
 loading the model and a warm-up): prefill of the first ``length`` tokens of ``pydoc_data.topics`` with
 ``logits_to_keep=1``, then ``--new-tokens`` greedy decode steps on the returned ``DynamicCache``. The three
 methods of one (length, dtype) run back to back, and the report prints their ratios to vanilla measured in
-the same run: prefill time, peak RSS, decode tokens/s. Settings come from ``target_length=length`` (the
+the same run: prefill time, peak RSS, decode tokens/s. With ``--repeats N`` each cell runs N rounds of all
+methods back to back (alternating, so drift hits every method alike) and the report gives medians per method
+and the median of the per-round ratios. Settings come from ``target_length=length`` (the
 authors' rule for SelfExtend: G=4 W=1024 at 16k, G=8 at 32k; ChunkLlama's defaults for DCA). Rows are
 appended to ``--out`` as soon as they are measured; a re-run skips cells already there. Children inherit the
 environment: glibc's default allocator is what users run (peak RSS then varies by a few hundred MiB between
@@ -100,11 +102,23 @@ def _transformers_version() -> str:
 
 
 def _key(r: dict) -> tuple:
-    return (r["method"], r["length"], r["dtype"], r["threads"], r["new_tokens"])
+    return (r["method"], r["length"], r["dtype"], r["threads"], r["new_tokens"], r.get("repeat", 0))
 
 
-def _ratio(row: dict, vanilla: dict | None, field: str) -> str:
-    return f"{row[field] / vanilla[field]:.3f}x" if vanilla else "-"
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _ratio(runs: dict[int, dict], vanilla: dict[int, dict] | None, field: str) -> str:
+    """Median of the per-round ratios (a round measures every method back to back), with their range."""
+    rounds = sorted(set(runs) & set(vanilla or {}))
+    if not rounds:
+        return "-"
+    ratios = [runs[i][field] / vanilla[i][field] for i in rounds]
+    spread = f" ({min(ratios):.3f}-{max(ratios):.3f})" if len(ratios) > 1 else ""
+    return f"{_median(ratios):.3f}x{spread}"
 
 
 def report(rows: list[dict]) -> str:
@@ -113,15 +127,19 @@ def report(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     cells = sorted({(r["length"], r["dtype"], r["threads"], r["new_tokens"]) for r in rows})
     for length, dtype, threads, new in cells:
-        by = {r["method"]: r for r in rows if (r["length"], r["dtype"], r["threads"], r["new_tokens"]) == (length, dtype, threads, new)}
+        by: dict[str, dict[int, dict]] = {}
+        for r in rows:
+            if (r["length"], r["dtype"], r["threads"], r["new_tokens"]) == (length, dtype, threads, new):
+                by.setdefault(r["method"], {})[r.get("repeat", 0)] = r
         v = by.get("vanilla")
         for m in METHODS:
             if m not in by:
                 continue
-            r = by[m]
-            pre, mem, dec = (_ratio(r, v, f) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s"))
-            lines.append(f"| {length} | {dtype} | {m} | {r['prefill_s']:.1f} | {pre} | {r['peak_rss_mib']:.0f} | {mem} | "
-                         f"{r['decode_tok_s']:.2f} | {dec} |")
+            runs = by[m]
+            pre, mem, dec = (_ratio(runs, v, f) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s"))
+            med = {f: _median([r[f] for r in runs.values()]) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s")}
+            lines.append(f"| {length} | {dtype} | {m} | {med['prefill_s']:.1f} | {pre} | {med['peak_rss_mib']:.0f} | {mem} | "
+                         f"{med['decode_tok_s']:.2f} | {dec} |")
     lines.append(f"\nTargets for self-extend: prefill <= {TARGETS['prefill']}x, peak RSS <= {TARGETS['memory']}x, "
                  f"decode >= {TARGETS['decode']}x (ratios to vanilla in the same run).")
     return "\n".join(lines)
@@ -134,6 +152,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every method per cell; the report gives medians")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model.jsonl")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -147,22 +166,22 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(args.out)
     done = {_key(r) for r in rows}
-    for length in lengths:
-        for dtype in args.dtypes.split(","):
-            for method in args.methods.split(","):
-                if (method, length, dtype, args.threads, args.new_tokens) in done:
-                    continue
-                cmd = [sys.executable, __file__, "--child", method, "--lengths", str(length), "--dtypes", dtype,
-                       "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
-                res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-                if res.returncode != 0:
-                    raise SystemExit(f"{method} {length} {dtype} failed:\n{res.stderr[-3000:]}")
-                row = json.loads(res.stdout.strip().splitlines()[-1])
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                rows.append(row)
-                print(f"{method} {length} {dtype}: prefill {row['prefill_s']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB, "
-                      f"decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+    cells = [(n, d, rep, m) for n in lengths for d in args.dtypes.split(",") for rep in range(args.repeats)
+             for m in args.methods.split(",")]
+    for length, dtype, rep, method in cells:
+        if (method, length, dtype, args.threads, args.new_tokens, rep) in done:
+            continue
+        cmd = [sys.executable, __file__, "--child", method, "--lengths", str(length), "--dtypes", dtype,
+               "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if res.returncode != 0:
+            raise SystemExit(f"{method} {length} {dtype} failed:\n{res.stderr[-3000:]}")
+        row = {**json.loads(res.stdout.strip().splitlines()[-1]), "repeat": rep}
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(f"{method} {length} {dtype} round {rep}: prefill {row['prefill_s']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB, "
+              f"decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
     print(report(rows))
 
 
