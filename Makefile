@@ -23,8 +23,9 @@ test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
-bench: install
-	$(BIN)/python benchmarks/bench_model.py --threads 2
+bench: install   # the pinned allocator makes decode timings repeatable (docs/performance.md); cells already in --out are skipped
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/bench_model.py \
+	  --threads 2 --methods vanilla,self-extend --repeats 2 --out benchmarks/results/model_pinned.jsonl
 	$(BIN)/python benchmarks/bench_core.py --threads 2
 
 clean:
