@@ -1,0 +1,47 @@
+"""The model benchmark's report: medians over rounds, and ratios taken within a round, never across."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench_model():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_model", BENCH / "bench_model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _row(method, rep, prefill, rss, decode):
+    return dict(method=method, length=16384, dtype="float32", threads=2, new_tokens=64, repeat=rep,
+                prefill_s=prefill, peak_rss_mib=rss, decode_tok_s=decode)
+
+
+def test_report_takes_ratios_within_rounds_and_medians_over_them():
+    bm = _bench_model()
+    # Round 1 is slow for both methods: a ratio across rounds would read 2.0x, within rounds it is 1.1x.
+    rows = [_row("vanilla", 0, 10.0, 100.0, 4.0), _row("self-extend", 0, 11.0, 100.0, 4.0),
+            _row("vanilla", 1, 20.0, 100.0, 2.0), _row("self-extend", 1, 22.0, 120.0, 2.0),
+            _row("vanilla", 2, 10.0, 100.0, 4.0), _row("self-extend", 2, 11.0, 100.0, 3.6)]
+    table = bm.report(rows)
+    se = next(line for line in table.splitlines() if "| self-extend |" in line).split("|")
+    assert se[4].strip() == "11.0"  # median prefill seconds over the three rounds
+    assert se[5].strip() == "1.100x (1.100-1.100)"
+    assert se[7].strip() == "1.000x (1.000-1.200)"
+    assert se[9].strip() == "1.000x (0.900-1.000)"
+
+
+def test_rows_without_a_round_are_round_zero():
+    bm = _bench_model()
+    rows = [_row("vanilla", 0, 10.0, 100.0, 4.0), _row("self-extend", 0, 10.5, 100.0, 4.0)]
+    for r in rows:
+        del r["repeat"]  # rows written before --repeats existed
+    assert bm._key(rows[0])[-1] == 0
+    se = next(line for line in bm.report(rows).splitlines() if "| self-extend |" in line).split("|")
+    assert se[5].strip() == "1.050x"
