@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -105,12 +106,6 @@ def _key(r: dict) -> tuple:
     return (r["method"], r["length"], r["dtype"], r["threads"], r["new_tokens"], r.get("repeat", 0))
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def _ratio(runs: dict[int, dict], vanilla: dict[int, dict] | None, field: str) -> str:
     """Median of the per-round ratios (a round measures every method back to back), with their range."""
     rounds = sorted(set(runs) & set(vanilla or {}))
@@ -118,7 +113,7 @@ def _ratio(runs: dict[int, dict], vanilla: dict[int, dict] | None, field: str) -
         return "-"
     ratios = [runs[i][field] / vanilla[i][field] for i in rounds]
     spread = f" ({min(ratios):.3f}-{max(ratios):.3f})" if len(ratios) > 1 else ""
-    return f"{_median(ratios):.3f}x{spread}"
+    return f"{statistics.median(ratios):.3f}x{spread}"
 
 
 def report(rows: list[dict]) -> str:
@@ -137,7 +132,7 @@ def report(rows: list[dict]) -> str:
                 continue
             runs = by[m]
             pre, mem, dec = (_ratio(runs, v, f) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s"))
-            med = {f: _median([r[f] for r in runs.values()]) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s")}
+            med = {f: statistics.median([r[f] for r in runs.values()]) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s")}
             lines.append(f"| {length} | {dtype} | {m} | {med['prefill_s']:.1f} | {pre} | {med['peak_rss_mib']:.0f} | {mem} | "
                          f"{med['decode_tok_s']:.2f} | {dec} |")
     lines.append(f"\nTargets for self-extend: prefill <= {TARGETS['prefill']}x, peak RSS <= {TARGETS['memory']}x, "
@@ -169,7 +164,8 @@ def main() -> None:
     cells = [(n, d, rep, m) for n in lengths for d in args.dtypes.split(",") for rep in range(args.repeats)
              for m in args.methods.split(",")]
     for length, dtype, rep, method in cells:
-        if (method, length, dtype, args.threads, args.new_tokens, rep) in done:
+        if _key(dict(method=method, length=length, dtype=dtype, threads=args.threads, new_tokens=args.new_tokens,
+                     repeat=rep)) in done:
             continue
         cmd = [sys.executable, __file__, "--child", method, "--lengths", str(length), "--dtypes", dtype,
                "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
