@@ -15,6 +15,7 @@ step_passkey() {
   $SE eval passkey "${C[@]}" --methods vanilla,self-extend,linear,ntk,dynamic-ntk,yarn,truncate --lengths 4k,8k --depths $D5 --out $P
   $SE eval passkey "${C[@]}" --methods vanilla,self-extend,dca,dca:vanilla_within_trained=false,yarn --lengths 16k --depths $D5 --out $P
   $SE eval passkey "${C[@]}" --methods linear,ntk,dynamic-ntk,truncate --lengths 16k --depths $D3 --out $P
+  $SE eval passkey "${C[@]}" --methods dynamic-ntk --lengths 16k --depths $D5 --out $P  # it tied SelfExtend on 3 depths
 }
 step_dca_long() {
   $SE eval passkey "${C[@]}" --methods dca,self-extend --lengths 32k --depths $D5 --out $P
@@ -38,8 +39,8 @@ step_ruler_more() {
     $SE eval $task "${C[@]}" --methods yarn,dca --lengths 16k --depths 0.5 --out docs/results/ruler
   done
 }
-step_tune() {
-  for n in 16384 32768; do
+step_tune() {  # TUNE_LENGTHS / TUNE_MINUTES pick the lengths and the budget of each run (it resumes)
+  for n in ${TUNE_LENGTHS:-16384 32768}; do
     SELFEXTEND_TUNED=docs/results/tune_$n/tuned.json $SE tune "${C[@]}" --target-length $n --budget-minutes "${TUNE_MINUTES:-40}" --out docs/results/tune_$n
   done
 }
