@@ -174,3 +174,50 @@ def test_ppl_modes_agree_where_they_must(model, tokenizer):
     slid = sliding_nll(model, ids, 200, 100)
     assert torch.allclose(slid[:199], full[:199], atol=1e-5)  # the first window is the same pass
     assert not torch.isnan(slid).any()
+
+
+def test_tune_ranks_saves_the_winner_and_resumes(model, tokenizer, tmp_path, monkeypatch):
+    import io
+
+    import selfextend
+    from selfextend.harness.tune import candidates, tune
+
+    monkeypatch.setenv("SELFEXTEND_TUNED", str(tmp_path / "tuned.json"))
+    target, out = 2 * TRAINED, tmp_path / "sweep"
+    stream = io.StringIO()
+    ranked = tune(model, tokenizer, target, budget_minutes=60, max_candidates=3, depths="0.5", out=out,
+                  progress=False, stream=stream)
+    assert len(ranked) == 3
+    assert {(r["group_size"], r["window"]) for r in ranked} == set(candidates(target, TRAINED)[:3])
+    assert all(r["reach"] >= target and r["n"] == 1 for r in ranked)
+    keys = [(-r["passkey"], r["tail_ppl"]) for r in ranked]
+    assert keys == sorted(keys)
+    saved = json.loads((out / "results_tune.json").read_text())
+    assert saved["ranked"] == json.loads(json.dumps(ranked)) and saved["target_length"] == target
+    assert (out / "tune.md").read_text() in stream.getvalue()
+    selfextend.apply(model, target_length=target)  # the saved winner, not the authors' rule
+    settings = selfextend.settings(model)
+    assert (settings.group_size, settings.window) == (ranked[0]["group_size"], ranked[0]["window"])
+    selfextend.remove(model)
+
+    n_rows = len((out / "samples_passkey.jsonl").read_text().splitlines())
+    again = tune(model, tokenizer, target, budget_minutes=60, max_candidates=3, depths="0.5", out=out,
+                 progress=False, stream=io.StringIO())
+    assert again == ranked  # resumed: nothing re-run, same ranking
+    assert len((out / "samples_passkey.jsonl").read_text().splitlines()) == n_rows
+
+
+def test_tune_budget_and_bad_input(model, tokenizer, tmp_path):
+    import io
+
+    from selfextend.harness.tune import tune
+
+    ranked = tune(model, tokenizer, 2 * TRAINED, budget_minutes=0, depths="0.5", out=tmp_path, save=False,
+                  progress=False, stream=io.StringIO())
+    assert len(ranked) == 1  # a spent budget still measures the first candidate, then stops
+    with pytest.raises(ValueError, match="fits the trained length"):
+        tune(model, tokenizer, TRAINED, save=False, progress=False, stream=io.StringIO())
+    with pytest.raises(ValueError, match="budget_minutes"):
+        tune(model, tokenizer, 2 * TRAINED, budget_minutes=-1, save=False, progress=False, stream=io.StringIO())
+    with pytest.raises(ValueError, match="max_candidates"):
+        tune(model, tokenizer, 2 * TRAINED, max_candidates=0, save=False, progress=False, stream=io.StringIO())

@@ -168,7 +168,7 @@ def cmd_tune(args) -> int:
 
     model, tokenizer = _load(args)
     tune(model, tokenizer, args.target_length, budget_minutes=args.budget_minutes, depths=args.depths,
-         seed=args.seed, out=args.out, save=not args.no_save)
+         seed=args.seed, out=args.out, save=not args.no_save, max_candidates=args.max_candidates)
     return 0
 
 
@@ -240,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=30.0)
     p.add_argument("--depths", default="0.1,0.5,0.9", help="passkey probe depths")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the sweep rows (JSONL) and table here")
+    p.add_argument("--out", default=None, help="also write the sweep rows (JSONL) and the ranked table here; "
+                   "re-running with the same --out resumes")
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="try at most this many (G, W), nearest the authors' rule first (default: until the budget)")
     p.add_argument("--no-save", action="store_true", help="do not save the winner for apply(target_length=...)")
     p.set_defaults(func=cmd_tune)
     return parser

@@ -10,6 +10,7 @@ covers the likeliest settings; the sweep stops when the next candidate would ove
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -46,6 +47,10 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
     L = trained_length_of(model.config)
     if target_length <= L:
         raise ValueError(f"target_length={target_length} fits the trained length {L}: nothing to tune (vanilla).")
+    if budget_minutes < 0:
+        raise ValueError(f"budget_minutes={budget_minutes} is negative; give the minutes the sweep may take")
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates={max_candidates}: try at least 1 candidate, or leave it unset")
     out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="selfextend-tune-"))
     depth_list = parse_depths(depths)
     todo = candidates(target_length, L)[:max_candidates]
@@ -69,7 +74,9 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
         costs.append(time.monotonic() - t0)
         tried.append((g, w))
     ranked = rank(out_dir, target_length, tried)
-    _print_table(ranked, stream)
+    table = format_table(ranked)
+    print("\n" + table, file=stream, end="")
+    write_ranking(out_dir, target_length, L, depth_list, seed, ranked, table)
     if ranked and save:
         from ..tuning import save_tuned
 
@@ -99,9 +106,19 @@ def rank(out_dir: Path, target_length: int, tried: list[tuple[int, int]]) -> lis
     return sorted(rows, key=lambda r: (-r["passkey"], r["tail_ppl"]))
 
 
-def _print_table(rows: list[dict[str, Any]], stream) -> None:
-    print("\n| rank | G | W | reach | passkey | ppl (all) | ppl (last quarter) |", file=stream)
-    print("|---:|---:|---:|---:|---:|---:|---:|", file=stream)
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| rank | G | W | reach | passkey | ppl (all) | ppl (last quarter) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(rows, 1):
-        print(f"| {i} | {r['group_size']} | {r['window']} | {r['reach']} | {r['passkey']:.2f} ({r['passkey'] * r['n']:g}/"
-              f"{r['n']}) | {r['ppl']:.2f} | {r['tail_ppl']:.2f} |", file=stream)
+        lines.append(f"| {i} | {r['group_size']} | {r['window']} | {r['reach']} | {r['passkey']:.2f} "
+                     f"({r['passkey'] * r['n']:g}/{r['n']}) | {r['ppl']:.2f} | {r['tail_ppl']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ranking(out_dir: Path, target_length: int, trained_length: int, depths: list[float], seed: int,
+                  ranked: list[dict[str, Any]], table: str) -> None:
+    """``results_tune.json`` (the ranked rows and the probes that made them) and ``tune.md`` next to the samples."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"target_length": target_length, "trained_length": trained_length, "depths": depths, "seed": seed,
+              "ranked": ranked}
+    (out_dir / "results_tune.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "tune.md").write_text(table)
