@@ -27,6 +27,10 @@ step_passkey_long() {
   $SE eval passkey "${C[@]}" --methods self-extend,dca:vanilla_within_trained=false --lengths 24k --depths $D3 --out $P
   $SE eval passkey "${C[@]}" --methods vanilla,self-extend,linear,ntk,dynamic-ntk,yarn,truncate,dca --lengths 24k,32k --depths $D3 --out $P
 }
+step_temperature() {  # the attention temperature (YaRN's 0.1 ln s + 1, per query past L) on the two remappings
+  $SE eval passkey "${C[@]}" --methods self-extend:temperature=true,dca:temperature=true --lengths 32k --depths $D3 --out $P
+  $SE eval passkey "${C[@]}" --methods self-extend:temperature=true,dca:temperature=true --lengths 16k --depths $D5 --out $P
+}
 RULER_TASKS="niah_single niah_multikey niah_multikey_uuid niah_multivalue niah_multiquery vt cwe fwe kv_retrieval niah"
 step_ruler() {  # at 8k every method resolves to vanilla (G=1, factor 1, DCA vanilla within L): vanilla only
   for task in $RULER_TASKS; do
@@ -46,5 +50,5 @@ step_tune() {  # TUNE_LENGTHS / TUNE_MINUTES pick the lengths and the budget of 
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long ruler_more tune)
+[ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long tune temperature ruler_more)
 for s in "${steps[@]}"; do "step_$s"; done

@@ -16,9 +16,9 @@ from selfextend.dca_positions import (
     key_positions,
     relative_positions,
     successive_query_positions,
-    temperature_factor,
 )
 from selfextend.positions import key_positions as absolute_key_positions
+from selfextend.positions import temperature_factor
 from selfextend.rope import apply_rope, rotate_by
 
 CS, LW = 24, 6  # chunk_len 18: N = 150 spans chunks 0..8, and every query past L = 64 meets all three parts

@@ -131,6 +131,7 @@ def test_truncate_keeps_the_last_tokens():
         (dict(method="yarn", group_size=4), "group_size/window are SelfExtend parameters"),
         (dict(method="truncate", keep=10 * TRAINED), "exceeds the trained length"),
         (dict(method="self-extend", group_size=2, window=16, target_length=10_000), "exceeds the reach"),
+        (dict(method="self-extend", group_size=4, window=16, temperature="yes"), "temperature must be True or False"),
     ],
 )
 def test_bad_parameters_are_refused_and_leave_the_model_alone(kwargs, message):
@@ -160,3 +161,38 @@ def test_tuned_settings_are_reused(tmp_path, monkeypatch):
     assert (selfextend.settings(model).group_size, selfextend.settings(model).window) == (5, 8)
     selfextend.apply(model, target_length=10 * TRAINED)  # longer than anything tuned: the authors' rule
     assert selfextend.settings(model).window != 8 or selfextend.settings(model).group_size != 5
+
+
+def test_self_extend_temperature_acts_past_the_trained_length_only():
+    model = build_model("llama")
+    x = ids()
+    selfextend.apply(model, group_size=4, window=16)
+    cold = logits(model, x)
+    selfextend.apply(model, group_size=4, window=16, temperature=True)
+    assert selfextend.settings(model).temperature
+    warm = logits(model, x)
+    assert torch.equal(warm[:, :TRAINED], cold[:, :TRAINED]) and (warm - cold).abs().max() > 1e-3
+    from selfextend.cache import cache_kwarg, output_cache
+
+    cache = output_cache(model(x[:, :-9], use_cache=True))  # prefill, then decode: the same as one pass
+    steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits for t in range(N - 9, N)]
+    assert (torch.cat(steps, 1) - warm[:, -9:]).abs().max() < 1e-4
+
+
+def test_self_extend_temperature_is_the_softmax_scale_times_t_squared():
+    from selfextend.positions import temperature_factor
+
+    model = build_model("llama", num_hidden_layers=1)  # one layer: the keys do not depend on the temperature
+    x = ids()
+    selfextend.apply(model, group_size=4, window=16, temperature=True)
+    warm = logits(model, x)[:, -1]
+    t = float(temperature_factor(torch.tensor([N - 1]), TRAINED))
+    assert t > 1
+    selfextend.apply(model, group_size=4, window=16)
+    attn = [m for m in model.modules() if hasattr(m, "selfextend_layer")]
+    for m in attn:
+        m.scaling *= t * t  # the last query's logits, by hand
+    assert (logits(model, x)[:, -1] - warm).abs().max() < 1e-4
+    for m in attn:
+        m.scaling /= t * t
+    assert (logits(model, x)[:, -1] - warm).abs().max() > 1e-3

@@ -18,6 +18,7 @@ class SelfExtendConfig:
     trained_length: int  # L: the context the model was trained on
     backend: str = "auto"
     allow_overflow: bool = False  # past the reach: warn (positions leave the trained range) instead of raising
+    temperature: bool = False  # logits x (0.1 ln s + 1)^2 for queries past L, s = (pos + 1) / L
 
     @property
     def max_length(self) -> int:
@@ -26,7 +27,7 @@ class SelfExtendConfig:
     def describe(self) -> str:
         return (
             f"group_size={self.group_size}, window={self.window}, trained_length={self.trained_length}, "
-            f"reach={self.max_length} tokens, backend={self.backend}"
+            f"reach={self.max_length} tokens, backend={self.backend}" + (", temperature" if self.temperature else "")
         )
 
 
@@ -58,6 +59,7 @@ def resolve_config(
     trained_length: int | None = None,
     backend: str = "auto",
     allow_overflow: bool = False,
+    temperature: bool = False,
 ) -> SelfExtendConfig:
     """Validate explicit settings, or derive them from ``target_length`` with the authors' rule."""
     L = trained_length if trained_length is not None else trained_length_of(model_config)
@@ -94,7 +96,9 @@ def resolve_config(
         )
     _check_int("group_size", group_size, 1)
 
-    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow)
+    if not isinstance(temperature, bool):
+        raise TypeError(f"temperature must be True or False, got {temperature!r}")
+    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature)
     if target_length is not None and target_length > cfg.max_length:
         raise ValueError(
             f"target_length={target_length} exceeds the reach ({L}-{window})*{group_size}+{window} = {cfg.max_length} "

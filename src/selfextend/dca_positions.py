@@ -94,12 +94,6 @@ def relative_positions(
     return torch.where(i < exact_below, i - j, dca)
 
 
-def temperature_factor(pos: torch.Tensor, trained_length: int) -> torch.Tensor:
-    """``0.1 ln s + 1`` with ``s = (pos + 1) / L`` past the trained length, 1 within it (fp32)."""
-    s = (pos.to(torch.float64) + 1) / trained_length
-    return torch.where(s > 1, 0.1 * torch.log(s) + 1, torch.ones_like(s)).to(torch.float32)
-
-
 def default_chunk_size(trained_length: int) -> int:
     """ChunkLlama's default: 3/4 of the trained length."""
     return 3 * trained_length // 4

@@ -114,3 +114,12 @@ def key_positions(
             "cannot tell which keys are neighbors then; pass position_ids=attention_mask.cumsum(-1) - 1."
         )
     return key_pos, query_valid
+
+
+def temperature_factor(pos: torch.Tensor, trained_length: int) -> torch.Tensor:
+    """``0.1 ln s + 1`` with ``s = (pos + 1) / L`` past the trained length, 1 within it (fp32).
+
+    YaRN's attention temperature as Qwen applies it per query position with DCA: logits grow by its square so
+    that attention over more keys than trained stays as sharp as within ``L``. DCA and SelfExtend share it."""
+    s = (pos.to(torch.float64) + 1) / trained_length
+    return torch.where(s > 1, 0.1 * torch.log(s) + 1, torch.ones_like(s)).to(torch.float32)

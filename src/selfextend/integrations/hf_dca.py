@@ -27,8 +27,8 @@ from ..dca_positions import (
     intra_query_positions,
     key_positions,
     successive_query_positions,
-    temperature_factor,
 )
+from ..positions import temperature_factor
 from ..rope import rotate_by
 from .hf import MaskSpec, call_key_positions, query_positions, selfextend_mask
 

@@ -25,6 +25,7 @@ class SelfExtend(Method):
         Param("trained_length", int, None, "override the trained context L"),
         Param("backend", str, "auto", "attention backend: auto, cpu, reference, flex, triton (see available_backends())"),
         Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
+        Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L (as DCA/YaRN; not in the paper)"),
     )
 
     def resolve(self, model, target_length, params):
@@ -37,9 +38,10 @@ class SelfExtend(Method):
             trained_length=params.get("trained_length"),
             backend=params.get("backend", "auto"),
             allow_overflow=params.get("allow_overflow", False),
+            temperature=params.get("temperature", False),
         )
         return {"group_size": cfg.group_size, "window": cfg.window, "trained_length": cfg.trained_length,
-                "backend": cfg.backend, "allow_overflow": cfg.allow_overflow}
+                "backend": cfg.backend, "allow_overflow": cfg.allow_overflow, "temperature": cfg.temperature}
 
     def reach(self, model, params):
         return _config(params).max_length
@@ -82,4 +84,4 @@ class SelfExtend(Method):
 
 def _config(params) -> SelfExtendConfig:
     return SelfExtendConfig(params["group_size"], params["window"], params["trained_length"], params["backend"],
-                            params["allow_overflow"])
+                            params["allow_overflow"], params.get("temperature", False))
