@@ -123,3 +123,11 @@ def temperature_factor(pos: torch.Tensor, trained_length: int) -> torch.Tensor:
     that attention over more keys than trained stays as sharp as within ``L``. DCA and SelfExtend share it."""
     s = (pos.to(torch.float64) + 1) / trained_length
     return torch.where(s > 1, 0.1 * torch.log(s) + 1, torch.ones_like(s)).to(torch.float32)
+
+
+def query_temperature(query_pos: torch.Tensor, trained_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ``(B, 1, q_len, 1)`` factor ``t^2`` that multiplies each query row, or None when every ``t`` is 1.
+
+    Scaling the query (not the logits) lets every backend and every attention part of that row share it."""
+    t = temperature_factor(query_pos, trained_length)
+    return (t * t).to(dtype)[:, None, :, None] if bool((t > 1).any()) else None

@@ -38,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..backends import SelfExtendInputs, select_backend
 from ..cache import GroupedCache
 from ..config import SelfExtendConfig
-from ..positions import grouped_query_positions, key_positions, temperature_factor
+from ..positions import grouped_query_positions, key_positions, query_temperature
 from ..rope import rotate_by
 
 logger = logging.getLogger("selfextend")
@@ -224,10 +224,9 @@ def selfextend_attention_forward(
     key_valid, key_pos = call_key_positions("SelfExtend", spec, attention_mask, query_pos, q_start, kv_len)
 
     G, W = cfg.group_size, cfg.window
-    if cfg.temperature:  # per query row, so neighbor and grouped logits of that row grow alike
-        t = temperature_factor(query_pos, cfg.trained_length)
-        if bool((t > 1).any()):
-            query = query * (t * t).to(query.dtype)[:, None, :, None]
+    factor = query_temperature(query_pos, cfg.trained_length, query.dtype) if cfg.temperature else None
+    if factor is not None:  # per query row, so neighbor and grouped logits of that row grow alike
+        query = query * factor
     query_delta = per_forward(("query_delta", bsz, q_len, kv_len, query.device, G, W), lambda: grouped_query_positions(query_pos, G, W) - query_pos)
     grouped_query = rotate(query, query_delta)
     written = q_start + q_len

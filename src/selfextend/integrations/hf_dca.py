@@ -28,7 +28,7 @@ from ..dca_positions import (
     key_positions,
     successive_query_positions,
 )
-from ..positions import temperature_factor
+from ..positions import query_temperature
 from ..rope import rotate_by
 from .hf import MaskSpec, call_key_positions, query_positions, selfextend_mask
 
@@ -95,11 +95,7 @@ def dca_attention_forward(
     cs, cl = cfg.chunk_size, cfg.chunk_len
     inv_freq = layer.inv_freq()
 
-    factor = None
-    if cfg.temperature:
-        t = temperature_factor(query_pos, cfg.trained_length)
-        if bool((t > 1).any()):
-            factor = (t * t).to(query.dtype)[:, None, :, None]  # logits x t^2: q carries it for every part
+    factor = query_temperature(query_pos, cfg.trained_length, query.dtype) if cfg.temperature else None  # logits x t^2
 
     def to(positions: torch.Tensor) -> torch.Tensor:
         rotated = rotate_by(query, positions - query_pos, inv_freq, layer.layout)
