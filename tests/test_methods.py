@@ -8,8 +8,10 @@ from conftest import TRAINED, build_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import selfextend
+from selfextend.cache import cache_kwarg, output_cache
 from selfextend.methods import METHODS, truncate_ids
 from selfextend.methods.rope_scaling import current_inv_freq
+from selfextend.positions import temperature_factor
 
 N = 150
 
@@ -172,16 +174,12 @@ def test_self_extend_temperature_acts_past_the_trained_length_only():
     assert selfextend.settings(model).temperature
     warm = logits(model, x)
     assert torch.equal(warm[:, :TRAINED], cold[:, :TRAINED]) and (warm - cold).abs().max() > 1e-3
-    from selfextend.cache import cache_kwarg, output_cache
-
     cache = output_cache(model(x[:, :-9], use_cache=True))  # prefill, then decode: the same as one pass
     steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits for t in range(N - 9, N)]
     assert (torch.cat(steps, 1) - warm[:, -9:]).abs().max() < 1e-4
 
 
 def test_self_extend_temperature_is_the_softmax_scale_times_t_squared():
-    from selfextend.positions import temperature_factor
-
     model = build_model("llama", num_hidden_layers=1)  # one layer: the keys do not depend on the temperature
     x = ids()
     selfextend.apply(model, group_size=4, window=16, temperature=True)

@@ -84,4 +84,4 @@ class SelfExtend(Method):
 
 def _config(params) -> SelfExtendConfig:
     return SelfExtendConfig(params["group_size"], params["window"], params["trained_length"], params["backend"],
-                            params["allow_overflow"], params.get("temperature", False))
+                            params["allow_overflow"], params["temperature"])
