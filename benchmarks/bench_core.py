@@ -68,8 +68,8 @@ def ppl_rows(method: str, length: int, threads: int) -> list[dict]:
 
 @torch.no_grad()
 def passkey_rows(model, tok, method: str, length: int, depth: float) -> dict:
+    from selfextend.eval.tasks.passkey import make_passkey, score_passkey
     from selfextend.generation import greedy_answer
-    from selfextend.tasks.passkey import make_passkey, score_passkey
 
     sample = make_passkey(tok, length, depth, seed=0)
     ans = greedy_answer(model, tok, sample.prompt, max_new_tokens=8, progress=False)

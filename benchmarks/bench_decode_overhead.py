@@ -16,7 +16,7 @@ import time
 import torch
 
 import selfextend
-from selfextend.cache import cache_kwarg, output_cache
+from selfextend.integrations.hf.compat import cache_kwarg, output_cache
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from common import read_jsonl  # benchmarks/ is on sys.path when a script runs
 
-from selfextend.cache import cache_kwarg, output_cache
+from selfextend.integrations.hf.compat import cache_kwarg, output_cache
 
 METHODS = ("vanilla", "self-extend", "dca")
 TARGETS = {"prefill": 1.10, "memory": 1.10, "decode": 0.95}
@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model.jsonl")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    from selfextend.harness.runner import parse_length
+    from selfextend.eval.runner import parse_length
 
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     if args.child:  # one cell, in this fresh process

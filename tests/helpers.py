@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from selfextend.backends import SelfExtendInputs
-from selfextend.positions import grouped_key_positions, grouped_query_positions, key_positions
+from selfextend.positions import absolute_key_positions, grouped_key_positions, grouped_query_positions
 from selfextend.rope import rotate_by
 
 
@@ -24,7 +24,7 @@ def make_inputs(
         q_pos = (q_start + torch.arange(q_len))[None].expand(bsz, -1)
     else:
         q_pos = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
-    k_pos, _ = key_positions(q_pos, key_valid, q_start, kv_len)
+    k_pos, _ = absolute_key_positions(q_pos, key_valid, q_start, kv_len)
     qg = rotate_by(q, grouped_query_positions(q_pos, group, window) - q_pos, inv_freq)
     kg = rotate_by(k, grouped_key_positions(k_pos, group) - k_pos, inv_freq)
     return SelfExtendInputs(q, k, v, qg, kg, q_pos, k_pos, key_valid, q_start, window, dim**-0.5, softcap)

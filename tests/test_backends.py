@@ -5,7 +5,7 @@ import torch
 from helpers import make_inputs, real_rows
 
 from selfextend.backends import BACKENDS, select_backend
-from selfextend.backends.cpu import BlockwiseBackend
+from selfextend.backends.blockwise import BlockwiseBackend
 from selfextend.backends.merge import merge_lse
 from selfextend.backends.primitives import _attention_with_lse_matmul, attention_with_lse
 

@@ -13,7 +13,8 @@ from conftest import build_model
 from transformers import DynamicCache
 
 import selfextend
-from selfextend.cache import RECORD_ATTR, cache_kwarg, output_cache
+from selfextend.integrations.hf.compat import cache_kwarg, output_cache
+from selfextend.integrations.hf.grouped_cache import RECORD_ATTR
 from selfextend.positions import grouped_key_positions
 from selfextend.rope import rotate_by
 

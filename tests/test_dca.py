@@ -8,17 +8,17 @@ import torch
 from conftest import TRAINED, build_model
 
 import selfextend
-from selfextend.backends.dca import DCA_BACKENDS, DCAInputs
-from selfextend.dca_positions import (
-    exact_below,
-    inter_query_positions,
-    intra_query_positions,
-    key_positions,
-    relative_positions,
-    successive_query_positions,
+from selfextend.backends import BACKENDS, DCAInputs
+from selfextend.positions import (
+    absolute_key_positions,
+    chunk_key_positions,
+    dca_exact_below,
+    dca_relative_positions,
+    inter_chunk_query_positions,
+    intra_chunk_query_positions,
+    successive_chunk_query_positions,
+    temperature_factor,
 )
-from selfextend.positions import key_positions as absolute_key_positions
-from selfextend.positions import temperature_factor
 from selfextend.rope import apply_rope, rotate_by
 
 CS, LW = 24, 6  # chunk_len 18: N = 150 spans chunks 0..8, and every query past L = 64 meets all three parts
@@ -48,22 +48,22 @@ HAND_TABLE = """
 
 def test_position_maps_match_the_hand_computed_table():
     pos = torch.arange(16)
-    table = relative_positions(pos, pos, chunk_size=6, local_window=2)
+    table = dca_relative_positions(pos, pos, chunk_size=6, local_window=2)
     for i, line in enumerate(HAND_TABLE.strip().splitlines()):
         assert table[i, : i + 1].tolist() == [int(t) for t in line.split()], f"row {i}"
-    assert key_positions(pos, 4).tolist() == [0, 1, 2, 3] * 4
-    assert intra_query_positions(pos, 4).tolist() == [0, 1, 2, 3] * 4
-    assert successive_query_positions(pos, 6, 4).tolist() == [4, 5, 6, 6] * 4
-    assert inter_query_positions(pos, 6).tolist() == [6] * 16
+    assert chunk_key_positions(pos, 4).tolist() == [0, 1, 2, 3] * 4
+    assert intra_chunk_query_positions(pos, 4).tolist() == [0, 1, 2, 3] * 4
+    assert successive_chunk_query_positions(pos, 6, 4).tolist() == [4, 5, 6, 6] * 4
+    assert inter_chunk_query_positions(pos, 6).tolist() == [6] * 16
     # no distance exceeds chunk_size at any length
     long = torch.arange(2000)
-    assert int(relative_positions(long, long, 6, 2).tril().max()) == 6
+    assert int(dca_relative_positions(long, long, 6, 2).tril().max()) == 6
     # the gate: rows below it keep i - j; without it, rows up to min(cs + 1, 2 cl) are exact anyway
-    gated = relative_positions(pos, pos, 6, 2, exact_below=10)
+    gated = dca_relative_positions(pos, pos, 6, 2, exact_below=10)
     assert torch.equal(gated[:10], (pos[:10, None] - pos[None, :]))
     assert torch.equal(gated[10:], table[10:])
-    assert exact_below(6, 2, 64, False) == 7 and torch.equal(table[:7].tril(), (pos[:7, None] - pos).tril())
-    assert exact_below(6, 2, 64, True) == 64
+    assert dca_exact_below(6, 2, 64, False) == 7 and torch.equal(table[:7].tril(), (pos[:7, None] - pos).tril())
+    assert dca_exact_below(6, 2, 64, True) == 64
 
 
 def test_temperature_is_yarn_past_the_trained_length_only():
@@ -91,10 +91,10 @@ def make_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, cs=CS
     cl = cs - lw
     inp = DCAInputs(
         query=apply_rope(q, qp, inv_freq), key=apply_rope(k, kp, inv_freq), value=v,
-        chunk_key=apply_rope(k, key_positions(kp, cl), inv_freq),
-        query_intra=apply_rope(q, intra_query_positions(qp, cl), inv_freq),
-        query_succ=apply_rope(q, successive_query_positions(qp, cs, cl), inv_freq),
-        query_inter=apply_rope(q, inter_query_positions(qp, cs), inv_freq),
+        chunk_key=apply_rope(k, chunk_key_positions(kp, cl), inv_freq),
+        query_intra=apply_rope(q, intra_chunk_query_positions(qp, cl), inv_freq),
+        query_succ=apply_rope(q, successive_chunk_query_positions(qp, cs, cl), inv_freq),
+        query_inter=apply_rope(q, inter_chunk_query_positions(qp, cs), inv_freq),
         query_pos=qp, key_pos=kp, key_valid=key_valid, q_start=q_start, chunk_size=cs, local_window=lw,
         exact_below=gate, scaling=dim**-0.5, softcap=softcap,
     )
@@ -110,7 +110,7 @@ def oracle(inp: DCAInputs, q, k, inv_freq):
     bsz, heads, q_len, _ = q.shape
     rep = heads // k.shape[1]
     kr = k.repeat_interleave(rep, dim=1).double()
-    dist = relative_positions(inp.query_pos, inp.key_pos, inp.chunk_size, inp.local_window, inp.exact_below)
+    dist = dca_relative_positions(inp.query_pos, inp.key_pos, inp.chunk_size, inp.local_window, inp.exact_below)
     out = torch.zeros(bsz, heads, q_len, inp.value.shape[-1], dtype=torch.float64)
     v = inp.value.repeat_interleave(rep, dim=1).double()
     for i in range(q_len):
@@ -129,7 +129,7 @@ def oracle(inp: DCAInputs, q, k, inv_freq):
 @pytest.mark.parametrize("gate", [0, 64])
 def test_reference_backend_equals_the_position_table_oracle(gate):
     inp, q, k, inv_freq = make_inputs(kv_len=100, gate=gate)
-    out = DCA_BACKENDS["reference"].forward(inp)
+    out = BACKENDS["reference"].forward(inp)
     assert (out.double() - oracle(inp, q, k, inv_freq)).abs().max() < 1e-4
 
 
@@ -158,25 +158,25 @@ def test_blockwise_equals_reference(shape):
     kv_len, q_len, cs, lw, gate, bsz, heads, kv_heads, dim, pads = shape
     valid = _left_pad(bsz, kv_len, pads) if pads else None
     inp, *_ = make_inputs(bsz, heads, kv_heads, kv_len, q_len, dim, cs, lw, gate, valid)
-    ref = real_rows(DCA_BACKENDS["reference"].forward(inp), inp)
-    assert (real_rows(DCA_BACKENDS["cpu"].forward(inp), inp) - ref).abs().max() < 2e-5
+    ref = real_rows(BACKENDS["reference"].forward(inp), inp)
+    assert (real_rows(BACKENDS["cpu"].forward(inp), inp) - ref).abs().max() < 2e-5
 
 
 def test_blockwise_equals_reference_bf16_and_softcap():
     inp, *_ = make_inputs(kv_len=120, dtype=torch.bfloat16)
-    ref = DCA_BACKENDS["reference"].forward(inp).float()
-    assert (DCA_BACKENDS["cpu"].forward(inp).float() - ref).abs().max() < 3e-2
+    ref = BACKENDS["reference"].forward(inp).float()
+    assert (BACKENDS["cpu"].forward(inp).float() - ref).abs().max() < 3e-2
     inp, *_ = make_inputs(kv_len=120, softcap=5.0, gate=30)
-    assert (DCA_BACKENDS["cpu"].forward(inp) - DCA_BACKENDS["reference"].forward(inp)).abs().max() < 2e-5
+    assert (BACKENDS["cpu"].forward(inp) - BACKENDS["reference"].forward(inp)).abs().max() < 2e-5
 
 
 def test_within_one_chunk_dca_math_equals_vanilla_attention():
     # no gate: every row goes through the DCA parts, yet up to min(cs + 1, 2 cl) tokens all distances are exact
-    inp, *_ = make_inputs(kv_len=exact_below(CS, LW, 64, False), gate=0)
+    inp, *_ = make_inputs(kv_len=dca_exact_below(CS, LW, 64, False), gate=0)
     vanilla = torch.nn.functional.scaled_dot_product_attention(
         inp.query, inp.key, inp.value, is_causal=True, enable_gqa=True)
     for backend in ("reference", "cpu"):
-        assert (DCA_BACKENDS[backend].forward(inp) - vanilla).abs().max() < 1e-5
+        assert (BACKENDS[backend].forward(inp) - vanilla).abs().max() < 1e-5
 
 
 # ---- the model: every supported family ------------------------------------------------------------------
@@ -204,13 +204,13 @@ def test_exactly_vanilla_within_the_trained_length_and_remove_restores(family):
     dca(model)
     assert torch.equal(logits(model, x[:, :TRAINED]), logits(reference, x[:, :TRAINED]))
     dca(model, vanilla_within_trained=False)  # without the gate: exactly vanilla within one chunk
-    short = x[:, : exact_below(CS, LW, TRAINED, False)]
+    short = x[:, : dca_exact_below(CS, LW, TRAINED, False)]
     assert torch.equal(logits(model, short), logits(reference, short))
     out = logits(model, x)
     assert (out - logits(reference, x)).abs().max() > 1e-3  # past the chunk it does something
     selfextend.remove(model)
     assert torch.equal(logits(model, x), vanilla)
-    assert not any(hasattr(m, "dca_layer") for m in model.modules())
+    assert not any(hasattr(m, "selfextend_layer") for m in model.modules())
 
 
 @pytest.mark.parametrize("options", [{}, {"vanilla_within_trained": False, "temperature": True}])
@@ -261,8 +261,13 @@ def test_model_blockwise_equals_reference_and_keys_are_kept_for_decode():
     assert torch.equal(cold[:, :TRAINED], fast[:, :TRAINED]) and (cold - fast).abs().max() > 1e-3
     out = model(x[:, :-1], use_cache=True)
     model(x[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-    store = model.model.layers[0].self_attn.dca_layer.store
+    store = model.model.layers[0].self_attn.selfextend_layer.extra
     assert store.nbytes > 0  # keys rotated once to j mod chunk_len, reused by later steps
+
+
+def layer_methods(model) -> set[str]:
+    """The methods whose per-layer state the attention modules carry."""
+    return {m.selfextend_layer.integration.label for m in model.modules() if hasattr(m, "selfextend_layer")}
 
 
 def test_switching_between_selfextend_and_dca():
@@ -272,12 +277,12 @@ def test_switching_between_selfextend_and_dca():
     selfextend.apply(model, group_size=3, window=16)
     dca(model)
     assert model.config._attn_implementation == "dca"
-    assert not any(hasattr(m, "selfextend_layer") for m in model.modules())
+    assert layer_methods(model) == {"DCA"}  # no SelfExtend layer state left behind
     fresh = build_model("llama")
     dca(fresh)
     assert torch.equal(logits(model, x), logits(fresh, x))
     selfextend.apply(model, group_size=3, window=16)
-    assert not any(hasattr(m, "dca_layer") for m in model.modules())
+    assert layer_methods(model) == {"SelfExtend"}
     selfextend.remove(model)
     assert torch.equal(logits(model, x), vanilla)
 
@@ -315,7 +320,7 @@ def test_defaults_reach_and_qwen_config(caplog):
         ({"temperature": "yes"}, TypeError, "temperature must be True or False"),
         ({"window": 16}, ValueError, "group_size/window are SelfExtend parameters"),
         ({"group": 4}, ValueError, "method 'dca' has no parameter 'group'"),
-        ({"backend": "cuda"}, ValueError, "unknown DCA backend 'cuda'"),
+        ({"backend": "cuda"}, ValueError, "Unknown backend 'cuda'. Available: auto, cpu, reference."),
     ],
 )
 def test_bad_parameters_name_the_fix_and_leave_the_model_alone(kwargs, error, message):

@@ -27,11 +27,13 @@ def test_embedded_invariants(model_and_tokens):
     model, x = model_and_tokens
     assert model.config.max_position_embeddings == 8192
     vanilla = logits(model, x)
+    # a shorter pass is not bitwise a prefix of a longer one (the kernel blocks differ): compare like with like
+    vanilla_window = logits(model, x[:, :W])
     try:
         selfextend.apply(model, group_size=1, window=W)
         assert torch.equal(logits(model, x), vanilla)
         selfextend.apply(model, group_size=G, window=W)
-        assert torch.equal(logits(model, x[:, :W]), vanilla[:, :W])
+        assert torch.equal(logits(model, x[:, :W]), vanilla_window)
         se = logits(model, x)
         assert (se - vanilla).abs().max() > 1e-2
         # decode token by token after a chunked prefill equals one full pass
@@ -65,8 +67,8 @@ def test_embedded_invariants(model_and_tokens):
 
 def test_embedded_passkey_at_2k_vanilla_and_self_extend(tmp_path):
     """The harness on the real model at a CI-sized length: both answer (SelfExtend with W=512 so it is active)."""
-    from selfextend.harness.report import write_results
-    from selfextend.harness.runner import EvalConfig, parse_method, run_eval
+    from selfextend.eval.report import write_results
+    from selfextend.eval.runner import EvalConfig, parse_method, run_eval
 
     model, tokenizer = selfextend.load_model()
     methods = [parse_method("vanilla"), parse_method("self-extend:group_size=4:window=512")]

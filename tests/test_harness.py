@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from selfextend.harness import report as report_mod
-from selfextend.harness.results import SampleWriter
-from selfextend.harness.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
+from selfextend.eval import report as report_mod
+from selfextend.eval.results import SampleWriter
+from selfextend.eval.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
+from selfextend.eval.tasks import TASKS
 from selfextend.methods import METHODS
 from selfextend.models import default_model_path
-from selfextend.tasks import TASKS, load_all
 
 TRAINED = 1024
 LENGTHS = [1200, 2400]
@@ -47,7 +47,6 @@ def comparable(summary):
     return out
 
 
-load_all()
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -127,7 +126,7 @@ def test_report_rerenders_from_jsonl(model, tokenizer, tmp_path, capsys):
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: parse_method("rope-magic"), "unknown method 'rope-magic'"),
+        (lambda: parse_method("rope-magic"), "Unknown method 'rope-magic'. Available: "),
         (lambda: parse_method("self-extend:gruop_size=4"), "has no parameter 'gruop_size'"),
         (lambda: parse_method("yarn:factor=big"), "is not a float"),
         (lambda: parse_length("16q"), "bad length"),
@@ -140,10 +139,8 @@ def test_bad_specs(build, message):
 
 
 def test_unknown_task_length_beyond_reach_and_missing_corpus(model, tokenizer, tmp_path):
-    from selfextend.tasks import get_task
-
-    with pytest.raises(ValueError, match="unknown task 'passkee'; known tasks: .*passkey"):
-        get_task("passkee")
+    with pytest.raises(ValueError, match="Unknown task 'passkee'. Available: .*passkey"):
+        TASKS.get("passkee")
     beyond = EvalConfig("passkey", [parse_method("self-extend:G=2:W=64")], [5000], [0.5])
     with pytest.raises(ValueError, match="exceeds the reach"):
         run_eval(model, tokenizer, beyond, tmp_path, progress=False)
@@ -160,13 +157,13 @@ def test_cli_errors_are_clear(capsys):
     from selfextend.cli import main
 
     assert main(["eval", "passkey", "--methods", "warp-drive", "--out", "/tmp/x-never"]) == 2
-    assert "unknown method 'warp-drive'" in capsys.readouterr().err
+    assert "Unknown method 'warp-drive'. Available: " in capsys.readouterr().err
     assert main(["eval", "nosuchtask", "--out", "/tmp/x-never"]) == 2
     assert "unknown task" in capsys.readouterr().err
 
 
 def test_ppl_modes_agree_where_they_must(model, tokenizer):
-    from selfextend.tasks.ppl import document_ids, sliding_nll, token_nll
+    from selfextend.eval.tasks.ppl import document_ids, sliding_nll, token_nll
 
     ids = document_ids(tokenizer, "pydoc", 400, 0)
     full = token_nll(model, ids)
@@ -180,7 +177,7 @@ def test_tune_ranks_saves_the_winner_and_resumes(model, tokenizer, tmp_path, mon
     import io
 
     import selfextend
-    from selfextend.harness.tune import candidates, tune
+    from selfextend.eval.tune import candidates, tune
 
     monkeypatch.setenv("SELFEXTEND_TUNED", str(tmp_path / "tuned.json"))
     target, out = 2 * TRAINED, tmp_path / "sweep"
@@ -210,7 +207,7 @@ def test_tune_ranks_saves_the_winner_and_resumes(model, tokenizer, tmp_path, mon
 def test_tune_budget_and_bad_input(model, tokenizer, tmp_path):
     import io
 
-    from selfextend.harness.tune import tune
+    from selfextend.eval.tune import tune
 
     ranked = tune(model, tokenizer, 2 * TRAINED, budget_minutes=0, depths="0.5", out=tmp_path, save=False,
                   progress=False, stream=io.StringIO())

@@ -8,7 +8,7 @@ from conftest import TRAINED, build_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import selfextend
-from selfextend.cache import cache_kwarg, output_cache
+from selfextend.integrations.hf.compat import cache_kwarg, output_cache
 from selfextend.methods import METHODS, truncate_ids
 from selfextend.methods.rope_scaling import current_inv_freq
 from selfextend.positions import temperature_factor
@@ -82,7 +82,7 @@ def test_rope_methods_use_transformers_formulas():
     expected, attention_factor = _reference_inv_freq(
         model, {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0, "original_max_position_embeddings": TRAINED},
         4 * TRAINED)
-    rotary = selfextend.integrations.model_info.rotary_embedding(model)[1]
+    rotary = selfextend.integrations.hf.model_info.rotary_embedding(model)[1]
     assert torch.allclose(current_inv_freq(model), expected)
     assert rotary.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1.0)
     assert attention_factor == pytest.approx(rotary.attention_scaling)
@@ -124,7 +124,7 @@ def test_truncate_keeps_the_last_tokens():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="nope"), "unknown method 'nope'"),
+        (dict(method="nope"), "Unknown method 'nope'. Available: "),
         (dict(method="linear"), "needs factor"),
         (dict(method="linear", factor=0.5), "factor must be >= 1.0"),
         (dict(method="yarn", factor="2"), "factor must be a number"),
@@ -154,7 +154,7 @@ def test_rope_methods_refuse_an_already_scaled_model():
 
 
 def test_tuned_settings_are_reused(tmp_path, monkeypatch):
-    from selfextend.tuning import save_tuned
+    from selfextend.methods.tuned import save_tuned
 
     monkeypatch.setenv("SELFEXTEND_TUNED", str(tmp_path / "tuned.json"))
     model = build_model("llama")

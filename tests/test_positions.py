@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from selfextend.positions import (
+    absolute_key_positions,
     grouped_key_positions,
     grouped_query_positions,
-    key_positions,
     max_reach,
     recommended_group_size,
     smallest_group_size,
@@ -45,22 +45,22 @@ def test_reach_and_group_size_rules():
 
 def test_key_positions_no_padding_chunk():
     q_pos = torch.tensor([[5, 6, 7]])
-    k_pos, q_valid = key_positions(q_pos, None, q_start=5, kv_len=8)
+    k_pos, q_valid = absolute_key_positions(q_pos, None, q_start=5, kv_len=8)
     assert k_pos.tolist() == [list(range(8))] and q_valid is None
 
 
 def test_key_positions_left_padding_like_generate():
     valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
     q_pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # what generate() passes
-    k_pos, q_valid = key_positions(q_pos, valid, q_start=0, kv_len=5)
+    k_pos, q_valid = absolute_key_positions(q_pos, valid, q_start=0, kv_len=5)
     assert k_pos.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert q_valid.tolist() == valid.tolist()
     # decode step: one new token per row
     valid2 = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], 1)
-    k_pos2, _ = key_positions(torch.tensor([[3], [5]]), valid2, q_start=5, kv_len=6)
+    k_pos2, _ = absolute_key_positions(torch.tensor([[3], [5]]), valid2, q_start=5, kv_len=6)
     assert k_pos2.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
 
 
 def test_key_positions_rejects_packed_sequences():
     with pytest.raises(ValueError, match="position_ids must count the non-padding tokens"):
-        key_positions(torch.tensor([[0, 1, 2, 0, 1, 2]]), None, q_start=0, kv_len=6)
+        absolute_key_positions(torch.tensor([[0, 1, 2, 0, 1, 2]]), None, q_start=0, kv_len=6)

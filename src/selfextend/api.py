@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from .config import SelfExtendConfig, trained_length_of
-from .integrations.model_info import SUPPORTED_FAMILIES
-from .methods import STATE_ATTR, ActiveMethod, get_method
+from .integrations.hf import SUPPORTED_FAMILIES
+from .methods import METHODS, STATE_ATTR, ActiveMethod
 
 logger = logging.getLogger("selfextend")
 
@@ -34,24 +34,13 @@ def apply(
     SelfExtend keywords: ``trained_length`` (override L), ``backend`` (``"auto"``, ``"cpu"``, ``"reference"``, ``"flex"``, ``"triton"``),
     ``allow_overflow`` (past the reach ``(L - W) * G + W`` warn instead of raising).
     """
-    impl = get_method(method)
+    impl = METHODS.get(method)
     if group_size is not None or window is not None:
-        if method != "self-extend":
+        takes = {p.name for p in impl.params}
+        if not {"group_size", "window"} <= takes:
             raise ValueError(f"group_size/window are SelfExtend parameters; method {method!r} takes: "
-                             f"{', '.join(p.name for p in impl.params) or '(none)'}")
+                             f"{', '.join(sorted(takes)) or '(none)'}")
         params = {"group_size": group_size, "window": window, **params}
-    if method == "self-extend" and group_size is None and window is None and target_length is None:
-        raise ValueError(
-            "pass group_size and window (e.g. group_size=4, window=1024), or target_length=<tokens to read> "
-            "to choose them for that length."
-        )
-    if target_length is not None and method == "self-extend" and params.get("group_size") is None:
-        from .tuning import tuned_settings
-
-        tuned = tuned_settings(model, target_length)
-        if tuned is not None and params.get("window") in (None, tuned["window"]):
-            logger.warning("selfextend: target_length=%d -> tuned settings %s", target_length, tuned)
-            params = {**params, "group_size": tuned["group_size"], "window": tuned["window"]}
     resolved = impl.resolve(model, target_length, params)  # validates before touching the model
     previous: ActiveMethod | None = getattr(model, STATE_ATTR, None)
     if previous is not None and previous.name != method:
@@ -65,7 +54,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``apply``: the original attention, rotary embedding and sliding window, no leftover state."""
     active: ActiveMethod | None = getattr(model, STATE_ATTR, None)
     if active is not None:
-        get_method(active.name).detach(model, active)
+        METHODS.get(active.name).detach(model, active)
         delattr(model, STATE_ATTR)
     return model
 
@@ -78,9 +67,8 @@ def active(model: torch.nn.Module) -> ActiveMethod | None:
 def settings(model: torch.nn.Module) -> SelfExtendConfig | None:
     """The active SelfExtend settings, or None when SelfExtend is not applied."""
     current = active(model)
-    if current is None or current.name != "self-extend":
-        return None
-    return current.data["state"].config
+    config = None if current is None else METHODS.get(current.name).settings(current)
+    return config if isinstance(config, SelfExtendConfig) else None
 
 
 def max_length(model: torch.nn.Module) -> int:
@@ -88,7 +76,7 @@ def max_length(model: torch.nn.Module) -> int:
     current = active(model)
     if current is None:
         return trained_length_of(model.config)
-    reach = get_method(current.name).reach(model, current.params)
+    reach = METHODS.get(current.name).reach(model, current.params)
     return trained_length_of(model.config) if reach is None else reach
 
 

@@ -88,8 +88,8 @@ def cmd_ask(args) -> int:
 def cmd_demo(args) -> int:
     import selfextend
 
+    from .eval.tasks.passkey import make_passkey, score_passkey
     from .generation import greedy_answer
-    from .tasks.passkey import make_passkey, score_passkey
 
     model, tokenizer = _load(args)
     sample = make_passkey(tokenizer, args.length, args.depth, seed=args.seed)
@@ -126,11 +126,11 @@ def cmd_methods(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .harness.report import markdown, plot, write_results
-    from .harness.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
-    from .tasks import get_task
+    from .eval.report import markdown, plot, write_results
+    from .eval.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
+    from .eval.tasks import TASKS
 
-    task = get_task(args.task)
+    task = TASKS.get(args.task)
     methods = [parse_method(m) for m in args.methods.split(",") if m.strip()]
     lengths = [parse_length(n) for n in args.lengths.split(",") if n.strip()]
     task_args = {}
@@ -157,14 +157,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .harness.report import report
+    from .eval.report import report
 
     print(report(args.dir, args.task, plots=not args.no_plots))
     return 0
 
 
 def cmd_tune(args) -> int:
-    from .harness.tune import tune
+    from .eval.tune import tune
 
     model, tokenizer = _load(args)
     tune(model, tokenizer, args.target_length, budget_minutes=args.budget_minutes, depths=args.depths,
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="run a task over methods x lengths x depths; resumable JSONL, tables, plots")
     common(p)
-    p.add_argument("task", help="passkey, niah, niah_single, ..., ppl (see selfextend.tasks.TASKS)")
+    p.add_argument("task", help="passkey, niah, niah_single, ..., ppl (see selfextend.eval.tasks.TASKS)")
     p.add_argument("--methods", default="vanilla,self-extend", help="comma list; NAME or NAME:key=value:...")
     p.add_argument("--lengths", default="4k,8k,16k", help="comma list of lengths in tokens (4k = 4096)")
     p.add_argument("--depths", default="5", help="a count (evenly 0.05..0.95) or a comma list of fractions")

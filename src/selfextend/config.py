@@ -1,14 +1,66 @@
-"""SelfExtend settings: one frozen dataclass, validated once, with errors that name the fix."""
+"""Every method's settings and their validators, kept apart from the code that uses them.
+
+As in transformers' ``modeling_rope_utils``: one validator per method turns what the user passed (plus the
+model config and an optional ``target_length``) into a frozen, complete config, or raises an error that
+names the parameter, the value and the fix. Nothing here touches a model, so a bad parameter leaves the
+model as it was. The methods (``methods/``) call these; the attention code reads the frozen configs.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from .backends import check_backend_name
-from .positions import max_reach, recommended_group_size, recommended_window, smallest_group_size
+from .positions import (
+    DCA_REACH_FACTOR,
+    chunk_len,
+    dca_exact_below,
+    default_chunk_size,
+    default_local_window,
+    max_reach,
+    recommended_group_size,
+    recommended_window,
+    smallest_group_size,
+)
 
 logger = logging.getLogger("selfextend")
+
+
+# --- shared checks --------------------------------------------------------------------------------------
+
+
+def trained_length_of(model_config) -> int:
+    """The context the model was trained on: ``max_position_embeddings`` (already includes llama3/yarn scaling)."""
+    length = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(length, int) or length <= 1:
+        raise ValueError(
+            "the model config has no usable max_position_embeddings; pass trained_length=<the context the model "
+            "was trained on>."
+        )
+    return length
+
+
+def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
+                 fix: str = "") -> Any:
+    """``value`` if it is a number (an int when ``integer``) at least ``minimum``, else an error naming ``name``."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}{'; ' + fix if fix else ''}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+# --- SelfExtend -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -31,26 +83,7 @@ class SelfExtendConfig:
         )
 
 
-def trained_length_of(model_config) -> int:
-    """The context the model was trained on: ``max_position_embeddings`` (already includes llama3/yarn scaling)."""
-    length = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(length, int) or length <= 1:
-        raise ValueError(
-            "the model config has no usable max_position_embeddings; pass trained_length=<the context the model "
-            "was trained on>."
-        )
-    return length
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def resolve_config(
+def selfextend_config(
     model_config,
     group_size: int | None = None,
     window: int | None = None,
@@ -63,10 +96,10 @@ def resolve_config(
 ) -> SelfExtendConfig:
     """Validate explicit settings, or derive them from ``target_length`` with the authors' rule."""
     L = trained_length if trained_length is not None else trained_length_of(model_config)
-    _check_int("trained_length", L, 2)
-    check_backend_name(backend)
+    check_number("trained_length", L, minimum=2, integer=True)
+    check_backend_name(backend, "self-extend")
     if target_length is not None:
-        _check_int("target_length", target_length, 1)
+        check_number("target_length", target_length, minimum=1, integer=True)
     if group_size is None and window is None and target_length is None:
         raise ValueError(
             "pass group_size and window (e.g. group_size=4, window=1024), or target_length=<tokens to read> "
@@ -78,9 +111,10 @@ def resolve_config(
     elif isinstance(window, int) and not isinstance(window, bool) and window >= L:
         raise ValueError(
             f"window={window} must be smaller than the trained length {L}: neighbor distances must stay in "
-            f"the trained range; use window <= {L // 2} (the authors use 512..2048), e.g. window={recommended_window(L)}."
+            f"the trained range; use window <= {L // 2} (the authors use 512..2048), e.g. "
+            f"window={recommended_window(L)}."
         )
-    _check_int("window", window, 1)
+    check_number("window", window, minimum=1, integer=True)
 
     if group_size is None:
         group_size = recommended_group_size(target_length, L, window)
@@ -94,15 +128,151 @@ def resolve_config(
             f"group_size must be >= 1, got {group_size}; group_size=1 is vanilla attention, "
             f"use group_size >= 2 to extend the context."
         )
-    _check_int("group_size", group_size, 1)
+    check_number("group_size", group_size, minimum=1, integer=True)
+    check_bool("temperature", temperature)
 
-    if not isinstance(temperature, bool):
-        raise TypeError(f"temperature must be True or False, got {temperature!r}")
     cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature)
     if target_length is not None and target_length > cfg.max_length:
         raise ValueError(
-            f"target_length={target_length} exceeds the reach ({L}-{window})*{group_size}+{window} = {cfg.max_length} "
-            f"of window={window}, group_size={group_size}; set group_size >= "
+            f"target_length={target_length} exceeds the reach ({L}-{window})*{group_size}+{window} = "
+            f"{cfg.max_length} of window={window}, group_size={group_size}; set group_size >= "
             f"{smallest_group_size(target_length, L, window)}."
         )
     return cfg
+
+
+# --- Dual Chunk Attention -------------------------------------------------------------------------------
+
+QWEN_DCA_KEY = "dual_chunk_attention_config"  # what Qwen2.5-1M configs carry
+
+
+@dataclass(frozen=True)
+class DCAConfig:
+    chunk_size: int  # cs: largest query position, hence largest distance
+    local_window: int  # w: the nearest keys of the previous chunk keep exact distances up to i mod cl <= w
+    trained_length: int  # L
+    temperature: bool = False
+    vanilla_within_trained: bool = True
+    backend: str = "auto"
+
+    @property
+    def chunk_len(self) -> int:
+        return chunk_len(self.chunk_size, self.local_window)
+
+    @property
+    def exact_below(self) -> int:
+        return dca_exact_below(self.chunk_size, self.local_window, self.trained_length, self.vanilla_within_trained)
+
+    @property
+    def reach(self) -> int:
+        return DCA_REACH_FACTOR * self.trained_length
+
+    def describe(self) -> str:
+        return (
+            f"chunk_size={self.chunk_size}, local_window={self.local_window} (chunk_len={self.chunk_len}), "
+            f"trained_length={self.trained_length}, temperature={self.temperature}, "
+            f"vanilla_within_trained={self.vanilla_within_trained}, backend={self.backend}"
+        )
+
+
+def qwen_dca_config(model_config) -> dict | None:
+    """The model's own ``dual_chunk_attention_config`` (Qwen2.5-1M), checked, or None."""
+    cfg = getattr(model_config, QWEN_DCA_KEY, None)
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict) or "chunk_size" not in cfg or "local_size" not in cfg:
+        raise ValueError(
+            f"model config {QWEN_DCA_KEY}={cfg!r} needs 'chunk_size' and 'local_size'; pass chunk_size= and "
+            "local_window= to override it."
+        )
+    return cfg
+
+
+def dca_config(
+    model_config,
+    chunk_size: int | None = None,
+    local_window: int | None = None,
+    *,
+    target_length: int | None = None,
+    trained_length: int | None = None,
+    temperature: bool | None = None,
+    vanilla_within_trained: bool = True,
+    backend: str = "auto",
+) -> DCAConfig:
+    """Validate DCA settings; defaults from Qwen's config when the model ships one, else 3L/4 and L/16."""
+    qwen = qwen_dca_config(model_config)
+    from_qwen = qwen is not None and chunk_size is None and local_window is None
+    if qwen is not None and trained_length is None and "original_max_position_embeddings" in qwen:
+        L = qwen["original_max_position_embeddings"]  # max_position_embeddings is the extended length there
+    else:
+        L = trained_length if trained_length is not None else trained_length_of(model_config)
+    check_number("trained_length", L, minimum=4, integer=True)
+    cs, w = (qwen["chunk_size"], qwen["local_size"]) if from_qwen else (chunk_size, local_window)
+    cs = default_chunk_size(L) if cs is None else cs
+    w = default_local_window(L) if w is None else w
+    check_number("chunk_size", cs, minimum=2, integer=True, fix=f"the default is 3L/4 = {default_chunk_size(L)}")
+    # every DCA distance is at most chunk_size; Qwen's own configs use chunk_size == L (one past the
+    # trained range), which we accept as shipped, but not as an explicit setting
+    limit = L if from_qwen else L - 1
+    if cs > limit:
+        raise ValueError(
+            f"chunk_size={cs} must be smaller than the trained length L={L}: DCA's distances reach chunk_size, "
+            f"which must stay inside the trained range; use chunk_size <= {L - 1}, e.g. 3L/4 = "
+            f"{default_chunk_size(L)}."
+        )
+    check_number("local_window", w, minimum=1, integer=True, fix=f"the default is L/16 = {default_local_window(L)}")
+    if w >= cs:
+        raise ValueError(
+            f"local_window={w} must be smaller than chunk_size={cs} (chunk_len = chunk_size - local_window "
+            f"must be >= 1); use local_window <= {cs // 4}, e.g. L/16 = {default_local_window(L)}."
+        )
+    temperature = check_bool("temperature", qwen is not None if temperature is None else temperature)
+    check_bool("vanilla_within_trained", vanilla_within_trained)
+    check_backend_name(backend, "dca")
+    cfg = DCAConfig(cs, w, L, temperature, vanilla_within_trained, backend)
+    if target_length is not None:
+        check_number("target_length", target_length, minimum=1, integer=True)
+        if target_length <= L and vanilla_within_trained:
+            logger.info("selfextend: DCA target_length=%d fits the trained length %d: the model stays vanilla.",
+                        target_length, L)
+        if target_length > cfg.reach:
+            logger.warning(
+                "selfextend: DCA target_length=%d is past %d = %dx the trained length, the longest published "
+                "training-free use; positions stay in range, quality is untested there.",
+                target_length, cfg.reach, DCA_REACH_FACTOR,
+            )
+    if from_qwen:
+        logger.info("selfextend: DCA settings from the model's %s: %s", QWEN_DCA_KEY, qwen)
+    return cfg
+
+
+# --- RoPE scaling and baselines -------------------------------------------------------------------------
+
+
+def rope_scaling_factor(method: str, factor: float | None, target_length: int | None, trained_length: int,
+                        bounded: bool) -> float:
+    """The scale ``s``: given, or ``target_length / L`` (never below 1); checked to reach ``target_length``."""
+    if factor is None:
+        if target_length is None:
+            raise ValueError(f"method {method!r} needs factor=<scale >= 1> or target_length=<tokens to read>.")
+        factor = max(1.0, target_length / trained_length)
+    check_number("factor", factor, minimum=1.0, fix="factor=1 is vanilla; use factor = target_length / L")
+    reach = math.floor(trained_length * factor)
+    if target_length is not None and bounded and target_length > reach:
+        raise ValueError(
+            f"target_length={target_length} exceeds the reach {reach} of {method} with factor={factor} "
+            f"(L={trained_length}); set factor >= {target_length / trained_length:.3f}."
+        )
+    return float(factor)
+
+
+def truncate_keep(keep: int | None, headroom: int | None, trained_length: int) -> int:
+    """Prompt tokens ``truncate`` keeps: given, or ``L - headroom`` (headroom default ``min(64, L // 8)``)."""
+    headroom = min(64, trained_length // 8) if headroom is None else headroom
+    check_number("headroom", headroom, minimum=0, integer=True)
+    keep = trained_length - headroom if keep is None else keep
+    check_number("keep", keep, minimum=1, integer=True)
+    if keep > trained_length:
+        raise ValueError(f"keep={keep} exceeds the trained length {trained_length}; use keep <= "
+                         f"{trained_length - headroom}.")
+    return keep

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import cache_kwarg, output_cache
+from .integrations.hf.compat import cache_kwarg, output_cache
 
 
 @contextlib.contextmanager

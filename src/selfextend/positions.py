@@ -1,6 +1,13 @@
-"""Pure integer math of SelfExtend positions (Jin et al. 2024, arXiv 2401.01325, Eq. 1-4).
+"""Pure integer position math of every attention-remapping method: no model, no rotation, no backend.
 
-Notation: a query at absolute position i attends a key at position j <= i; L is the trained context,
+Three parts, each a handful of small functions:
+
+* shared: where every key sits, rebuilt from the ``position_ids`` the model rotated with and the padding
+  mask (``absolute_key_positions``, ``padding_spans``), and the YaRN/Qwen query temperature;
+* SelfExtend (Jin et al. 2024, arXiv 2401.01325, Eq. 1-4), below;
+* Dual Chunk Attention (DCA; An et al. 2024, arXiv 2402.17463), in the last section.
+
+SelfExtend. A query at absolute position i attends a key at position j <= i; L is the trained context,
 W the neighbor window, G the group size.
 
 * neighbor pair (i - j < W): ordinary RoPE, relative distance i - j.
@@ -63,7 +70,7 @@ def recommended_group_size(
     return max(g, smallest_group_size(target_length, trained_length, window))
 
 
-def key_positions(
+def absolute_key_positions(
     query_pos: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, kv_len: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Absolute position of every key, from the query positions the model actually rotated with.
@@ -116,6 +123,19 @@ def key_positions(
     return key_pos, query_valid
 
 
+def padding_spans(key_valid: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(first, last, count)`` per row of the real (non-padding) keys among the first ``length``.
+
+    Every fast path needs each row's real tokens to be one run (left padding, or none): then key-index
+    distances are position distances and a row is a slice. ``first = length`` and ``last = -1`` for rows
+    without a real key."""
+    valid = key_valid[:, :length]
+    idx = torch.arange(valid.shape[1], device=valid.device)
+    first = torch.where(valid, idx, valid.shape[1]).amin(dim=1)
+    last = torch.where(valid, idx, -1).amax(dim=1)
+    return first, last, valid.sum(dim=1)
+
+
 def temperature_factor(pos: torch.Tensor, trained_length: int) -> torch.Tensor:
     """``0.1 ln s + 1`` with ``s = (pos + 1) / L`` past the trained length, 1 within it (fp32).
 
@@ -131,3 +151,103 @@ def query_temperature(query_pos: torch.Tensor, trained_length: int, dtype: torch
     Scaling the query (not the logits) lets every backend and every attention part of that row share it."""
     t = temperature_factor(query_pos, trained_length)
     return (t * t).to(dtype)[:, None, :, None] if bool((t > 1).any()) else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure math of Dual Chunk Attention (DCA, An et al. 2024, arXiv 2402.17463; ChunkLlama, Qwen2.5-1M).
+#
+# Notation: query at absolute position i, key at j <= i, trained context L, ``chunk_size`` cs, ``local_window`` w,
+# ``chunk_len`` cl = cs - w. Positions are split into chunks of cl tokens; chunk index c(p) = p // cl.
+#
+# We follow the formulation ChunkLlama ships and Qwen/vLLM deploy (not the paper's c - 1 constant):
+#
+# * every key sits at ``j mod cl``, so a key is rotated once and never again (it can be cached);
+# * intra-chunk (c(j) == c(i)): the query sits at ``i mod cl``; distance i - j, exact;
+# * successive-chunk (c(j) == c(i) - 1): the query sits at ``min(i mod cl + cl, cs)``; distance exact
+#   (= i - j) while ``i mod cl <= w``, clamped beyond, so the nearest keys of the previous chunk keep their
+#   true distances;
+# * inter-chunk (c(j) <= c(i) - 2): the query sits at ``cs``; distances lie in (w, cs].
+#
+# Every distance is at most cs, whatever the length: positions never leave the trained range when cs < L.
+# The three score sets are disjoint per (i, j) and share one softmax (log-sum-exp merge).
+#
+# Gate (``exact_below``): queries at positions below it use ordinary RoPE (distance i - j). With
+# ``vanilla_within_trained`` (the default, as Qwen describes DCA) the gate is L, so the model is unchanged
+# within its trained length; otherwise it is the first position where DCA's distances differ from i - j,
+# which changes nothing and only lets those rows take the vanilla path.
+#
+# Temperature (optional, YaRN/Qwen2.5-1M): a query at position i with i + 1 > L has its logits multiplied by
+# ``(0.1 ln s + 1) ** 2``, s = (i + 1) / L. It depends on the query's own position, not on the length of the
+# call, so decoding token by token gives the same result as one full pass (HF's YaRN and vLLM fold the factor
+# into both q and k, hence the square).
+
+# DCA keeps every distance inside [0, chunk_size], so no length breaks it; this is only the longest input
+# it is meant for: Qwen2.5-1M reports > 80 % passkey at 1M tokens from 32k-trained models (32x).
+DCA_REACH_FACTOR = 32
+
+
+def chunk_len(chunk_size: int, local_window: int) -> int:
+    """Tokens per chunk: ``chunk_size - local_window`` (ChunkLlama's ``chunk_len``)."""
+    return chunk_size - local_window
+
+
+def chunk_key_positions(pos: torch.Tensor, chunk_len: int) -> torch.Tensor:
+    """Where every key sits: ``j mod cl``. Fixed once written, so keys are rotated once."""
+    return torch.remainder(pos, chunk_len)
+
+
+def intra_chunk_query_positions(pos: torch.Tensor, chunk_len: int) -> torch.Tensor:
+    """Query position against keys of its own chunk: ``i mod cl``."""
+    return torch.remainder(pos, chunk_len)
+
+
+def successive_chunk_query_positions(pos: torch.Tensor, chunk_size: int, chunk_len: int) -> torch.Tensor:
+    """Query position against keys of the previous chunk: ``min(i mod cl + cl, cs)``."""
+    return (torch.remainder(pos, chunk_len) + chunk_len).clamp(max=chunk_size)
+
+
+def inter_chunk_query_positions(pos: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Query position against keys two or more chunks back: the constant ``cs``."""
+    return torch.full_like(pos, chunk_size)
+
+
+def dca_exact_below(chunk_size: int, local_window: int, trained_length: int, vanilla_within_trained: bool) -> int:
+    """First query position whose attention differs from vanilla (see the module docstring)."""
+    if vanilla_within_trained:
+        return trained_length
+    # chunk 0 is intra only; in chunk 1 the successive position min(i, cs) is exact while i <= cs
+    return min(chunk_size + 1, 2 * chunk_len(chunk_size, local_window))
+
+
+def dca_relative_positions(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, chunk_size: int, local_window: int, exact_below: int = 0
+) -> torch.Tensor:
+    """Relative distance (query position minus key position) that DCA gives every (query, key) pair.
+
+    Args:
+        query_pos: (..., Tq) absolute query positions. key_pos: (..., Tk) absolute key positions.
+        exact_below: queries at positions below it keep ``i - j``.
+
+    Returns:
+        (..., Tq, Tk) long; entries with j > i are meaningless (causally masked).
+    """
+    cl = chunk_len(chunk_size, local_window)
+    i, j = query_pos[..., :, None], key_pos[..., None, :]
+    qc, kc = torch.div(i, cl, rounding_mode="floor"), torch.div(j, cl, rounding_mode="floor")
+    query_at = torch.where(
+        kc == qc,
+        intra_chunk_query_positions(i, cl),
+        torch.where(kc == qc - 1, successive_chunk_query_positions(i, chunk_size, cl), inter_chunk_query_positions(i, chunk_size)),
+    )
+    dca = query_at - chunk_key_positions(j, cl)
+    return torch.where(i < exact_below, i - j, dca)
+
+
+def default_chunk_size(trained_length: int) -> int:
+    """ChunkLlama's default: 3/4 of the trained length."""
+    return 3 * trained_length // 4
+
+
+def default_local_window(trained_length: int) -> int:
+    """1/16 of the trained length (the issue's choice and ChunkLlama's first release; its current code uses L/8)."""
+    return max(1, trained_length // 16)

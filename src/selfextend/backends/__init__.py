@@ -1,76 +1,79 @@
-"""Attention backends behind one interface (see ``base.py``). ``"reference"`` always exists.
+"""Attention backends behind one contract (``base.py``), in one registry, chosen by one policy.
 
-``"triton"`` and ``"flex"`` are GPU backends; their modules import triton / flex_attention lazily, so
-this package imports without them. ``auto`` tries them first on CUDA tensors.
+Each backend states which methods' inputs it computes (``Backend.methods``): ``reference`` and ``cpu`` run
+SelfExtend and DCA, ``flex`` and ``triton`` (GPU; their modules import flex_attention / triton lazily, so
+this package imports without them) run SelfExtend. ``"auto"`` tries them in ``AUTO_ORDER`` for the tensors'
+device and takes the first that supports the input.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .base import Backend, SelfExtendInputs
-from .cpu import BlockwiseBackend
-from .flex import FlexBackend
-from .reference import ReferenceBackend
-from .triton import TritonBackend
+from ..registry import Registry
+from .base import Backend, DCAInputs, Inputs, SelfExtendInputs
 
 logger = logging.getLogger("selfextend")
 
-BACKENDS: dict[str, Backend] = {
-    "reference": ReferenceBackend(),
-    "cpu": BlockwiseBackend(),
-    "triton": TritonBackend(),
-    "flex": FlexBackend(),
-}
+BACKENDS: Registry[Backend] = Registry("backend")
+
+from . import blockwise, flex, reference, triton  # noqa: E402,F401  (each registers itself)
+
 AUTO_ORDER = ("cpu", "reference")
 AUTO_ORDER_CUDA = ("triton", "flex", "cpu", "reference")
 _fallback_logged: set[tuple[str, str]] = set()
 
 
-def available_backends() -> list[str]:
-    """``auto``, the backends that run anywhere, then the GPU ones."""
-    return ["auto", *AUTO_ORDER, *sorted(set(BACKENDS) - set(AUTO_ORDER))]
+def available_backends(method: str = "self-extend") -> list[str]:
+    """``auto``, then the backends of ``method`` that run anywhere, then the GPU ones."""
+    names = [n for n in (*AUTO_ORDER, *sorted(set(BACKENDS) - set(AUTO_ORDER))) if method in BACKENDS[n].methods]
+    return ["auto", *names]
 
 
-def check_backend_name(name: str) -> str:
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"Unknown backend {name!r}. Available: {', '.join(available_backends())}.")
+def check_backend_name(name: str, method: str = "self-extend") -> str:
+    """``name`` if it is ``auto`` or a backend that computes ``method``, else an error listing the choices."""
+    if name == "auto":
+        return name
+    choices = ", ".join(available_backends(method))
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown backend {name!r}. Available: {choices}.")
+    if method not in BACKENDS[name].methods:
+        raise ValueError(f"Backend {name!r} does not run {method}. Available for {method}: {choices}.")
     return name
 
 
-def select_backend(name: str, inputs: SelfExtendInputs) -> Backend:
-    """The backend to run ``inputs``.
+def select_backend(name: str, inputs: Inputs) -> Backend:
+    """The backend to run ``inputs`` (any method).
 
     ``auto`` takes the first backend of its order (GPU backends first on CUDA) that supports the input.
-    A named backend that cannot run the input raises, except backends marked
-    ``fallback_when_unsupported`` (triton, flex): their limits depend on the hardware and the layer (head
-    dim, device, soft-capping), so they log the reason once and fall back to ``auto``. Errors a fallback
-    would hide (e.g. an unsupported dtype) come from the backend's ``validate`` and always raise.
+    A named backend that cannot run the input raises, except backends marked ``fallback_when_unsupported``
+    (triton, flex): their limits depend on the hardware and the layer (head dim, device, soft-capping), so
+    they log the reason once and fall back to ``auto``. Errors a fallback would hide (an unsupported dtype)
+    come from the backend's ``validate`` and always raise.
     """
-    check_backend_name(name)
+    method = inputs.method
+    check_backend_name(name, method)
     if name != "auto":
         backend = BACKENDS[name]
-        validate = getattr(backend, "validate", None)
-        if validate is not None:
-            validate(inputs)
+        backend.validate(inputs)
         reason = backend.supports(inputs)
         if reason is None:
             return backend
-        if not getattr(backend, "fallback_when_unsupported", False):
+        if not backend.fallback_when_unsupported:
             raise ValueError(f"backend={name!r} cannot run this input: {reason}. Use backend='reference' or 'auto'.")
         if (name, reason) not in _fallback_logged:
             _fallback_logged.add((name, reason))
             logger.warning("selfextend: backend %r cannot run this input (%s); falling back to 'auto'", name, reason)
-    order = AUTO_ORDER_CUDA if inputs.query.is_cuda else AUTO_ORDER
-    for candidate in order:
-        if candidate == name:
-            continue
+    for candidate in AUTO_ORDER_CUDA if inputs.query.is_cuda else AUTO_ORDER:
         backend = BACKENDS[candidate]
+        if candidate == name or method not in backend.methods:
+            continue
         reason = backend.supports(inputs)
         if reason is None:
             return backend
-        logger.info("selfextend: backend %r skipped: %s", candidate, reason)
+        logger.info("selfextend: backend %r skipped for %s: %s", candidate, method, reason)
     return BACKENDS["reference"]
 
 
-__all__ = ["BACKENDS", "Backend", "SelfExtendInputs", "available_backends", "check_backend_name", "select_backend"]
+__all__ = ["BACKENDS", "Backend", "DCAInputs", "SelfExtendInputs", "available_backends", "check_backend_name",
+           "select_backend"]

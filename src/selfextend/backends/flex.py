@@ -30,6 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import BACKENDS
 from .base import Backend, SelfExtendInputs
 from .merge import merge_lse
 
@@ -68,10 +69,12 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
+@BACKENDS.register()
 class FlexBackend(Backend):
     """Two block-sparse FlexAttention passes (neighbor band, grouped rest) merged by LSE."""
 
     name = "flex"
+    methods = ("self-extend",)
     fallback_when_unsupported = True  # explicit backend="flex" logs the reason and falls back
 
     def __init__(self, block_size: int = 128, compile: bool | None = None):

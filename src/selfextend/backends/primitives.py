@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from .merge import merge_lse
+
 _BLOCK_ELEMENTS = 1 << 24  # fp32 score elements per block in the matmul path (64 MiB)
 
 
@@ -64,6 +66,20 @@ def attention_with_lse(
             float_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         return op(q, k, v, 0.0, causal, attn_mask=float_mask, scale=scale)
     return _attention_with_lse_matmul(q, k, v, scale, causal, mask, softcap)
+
+
+def bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries are the last ``Tq`` of ``Tk`` keys (bottom-right causal), on unmasked/causal kernel calls."""
+    m, n = q.shape[2], k.shape[2]
+    if m == n:
+        return attention_with_lse(q, k, v, scale, causal=True, softcap=softcap)
+    if m == 1:
+        return attention_with_lse(q, k, v, scale, softcap=softcap)
+    p = n - m
+    o1, l1 = attention_with_lse(q, k[:, :, :p], v[:, :, :p], scale, softcap=softcap)
+    o2, l2 = attention_with_lse(q, k[:, :, p:], v[:, :, p:], scale, causal=True, softcap=softcap)
+    return merge_lse(o1, l1, o2, l2)
 
 
 def _attention_with_lse_matmul(q, k, v, scale, causal, mask, softcap):

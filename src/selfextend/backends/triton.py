@@ -21,7 +21,8 @@ from types import ModuleType
 
 import torch
 
-from .base import Backend, SelfExtendInputs
+from . import BACKENDS
+from .base import Backend, SelfExtendInputs, contiguous_padding
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: exact (ieee) products, for tests
@@ -39,22 +40,12 @@ def load_kernel() -> ModuleType | None:
         return None
 
 
-def contiguous_padding(inp: SelfExtendInputs) -> bool:
-    """True when each row's real keys (up to the last query) form one block, as the kernel assumes."""
-    if inp.key_valid is None:
-        return True
-    valid = inp.key_valid[:, : inp.q_start + inp.q_len]
-    idx = torch.arange(valid.shape[1], device=valid.device)
-    count = valid.sum(dim=1)
-    first = torch.where(valid, idx, valid.shape[1]).amin(dim=1)
-    last = torch.where(valid, idx, -1).amax(dim=1)
-    return not bool(((count > 0) & (last - first + 1 != count)).any())
-
-
+@BACKENDS.register()
 class TritonBackend(Backend):
     """Fused SelfExtend attention on CUDA (prefill and split-KV decode, native GQA, fp16/bf16)."""
 
     name = "triton"
+    methods = ("self-extend",)
     fallback_when_unsupported = True  # explicit backend="triton" logs the reason and falls back
 
     def validate(self, inp: SelfExtendInputs) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..config import trained_length_of
+from ..integrations.hf import AttentionIntegration
 
 STATE_ATTR = "selfextend_method"  # set on the model while a method other than vanilla is active
 
@@ -52,6 +53,10 @@ class Method:
         """Longest input these settings are meant for; None when the method sets no bound (baselines)."""
         return None
 
+    def settings(self, active: ActiveMethod) -> Any:
+        """The active frozen config (``config.py``), or None for methods without one."""
+        return None
+
     def check_params(self, params: dict[str, Any]) -> None:
         known = {p.name for p in self.params}
         unknown = sorted(set(params) - known)
@@ -62,16 +67,35 @@ class Method:
             )
 
 
+class AttentionMethod(Method):
+    """A method that runs its own attention function (SelfExtend, DCA): ``resolve`` returns the fields of its
+    frozen config, and attach/detach go through its transformers integration."""
+
+    config_class: ClassVar[type]
+    integration: ClassVar[AttentionIntegration]
+
+    def config(self, params: dict[str, Any]) -> Any:
+        return self.config_class(**params)
+
+    def settings(self, active: ActiveMethod) -> Any:
+        return active.data["state"].config
+
+    def attach(self, model, params, previous):
+        config = self.config(params)
+        if previous is not None:  # settings change: keep the layer state, drop what the old ones left
+            self.integration.update(model, previous.data["state"], config)
+            return ActiveMethod(self.name, params, previous.data)
+        return ActiveMethod(self.name, params, {"state": self.integration.install(model, config)})
+
+    def detach(self, model, active):
+        self.integration.uninstall(model, active.data["state"])
+
+
+def config_params(config: Any) -> dict[str, Any]:
+    """A frozen config as the parameter dict ``apply`` takes back (``resolve``'s return value)."""
+    return asdict(config)
+
+
 def trained_length(model: torch.nn.Module, params: dict[str, Any] | None = None) -> int:
     override = (params or {}).get("trained_length")
     return int(override) if override is not None else trained_length_of(model.config)
-
-
-def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False, fix: str = ""):
-    """Validate one parameter with a message that names it and the fix."""
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}{'; ' + fix if fix else ''}")
-    return value

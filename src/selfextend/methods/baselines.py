@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import STATE_ATTR, ActiveMethod, Method, Param, check_number, trained_length
+from ..config import truncate_keep
+from . import METHODS
+from .base import STATE_ATTR, ActiveMethod, Method, Param, trained_length
 
 
+@METHODS.register()
 class Vanilla(Method):
     name = "vanilla"
     summary = "the model as trained: RoPE positions past the trained length extrapolate"
@@ -22,6 +25,7 @@ class Vanilla(Method):
         pass
 
 
+@METHODS.register()
 class Truncate(Method):
     name = "truncate"
     summary = "keep only the last `keep` prompt tokens (what users fall back to); the model stays vanilla"
@@ -33,16 +37,7 @@ class Truncate(Method):
 
     def resolve(self, model, target_length, params):
         self.check_params(params)
-        L = trained_length(model, params)
-        headroom = params.get("headroom")
-        headroom = check_number("headroom", min(64, L // 8) if headroom is None else headroom, minimum=0, integer=True)
-        keep = params.get("keep")
-        if keep is None:
-            keep = L - headroom
-        check_number("keep", keep, minimum=1, integer=True)
-        if keep > L:
-            raise ValueError(f"keep={keep} exceeds the trained length {L}; use keep <= {L - headroom}.")
-        return {"keep": keep}
+        return {"keep": truncate_keep(params.get("keep"), params.get("headroom"), trained_length(model, params))}
 
     def attach(self, model, params, previous):
         return ActiveMethod(self.name, params)
@@ -66,8 +61,4 @@ def truncate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return input_ids[..., -keep:], None if attention_mask is None else attention_mask[..., -keep:]
 
 
-def active_method(model: torch.nn.Module) -> ActiveMethod | None:
-    return getattr(model, STATE_ATTR, None)
-
-
-__all__ = ["Truncate", "Vanilla", "active_method", "truncate_ids"]
+__all__ = ["Truncate", "Vanilla", "truncate_ids"]

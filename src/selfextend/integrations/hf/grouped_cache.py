@@ -27,26 +27,8 @@ from typing import Any
 
 import torch
 
-from .positions import grouped_key_positions
-
-# transformers 5.24 renamed the forward argument and output field ``past_key_values`` to ``cache`` (the
-# old name is deprecated, removed in 5.40); these two helpers work with either.
-_CACHE_NAMES = ("cache", "past_key_values")
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """The name under which ``model.forward`` takes the KV cache on the installed transformers."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache a forward call returned, or None."""
-    for name in _CACHE_NAMES:
-        cache = getattr(output, name, None)
-        if cache is not None:
-            return cache
-    return None
+from ...positions import grouped_key_positions
+from .compat import CACHE_NAMES, output_cache
 
 
 class GroupedKeyStore:
@@ -149,7 +131,7 @@ class GroupedCache:
         except TypeError:
             bound = kwargs
         extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
-        self.cache = next((c for n in _CACHE_NAMES for c in (bound.get(n), extra.get(n)) if c is not None), None)
+        self.cache = next((c for n in CACHE_NAMES for c in (bound.get(n), extra.get(n)) if c is not None), None)
         use_cache = bound.get("use_cache")
         self.use_cache = bool(getattr(module.config, "use_cache", True) if use_cache is None else use_cache)
         self._pending, self._pending_pos = {}, None

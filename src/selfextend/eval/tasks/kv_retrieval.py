@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import random
 
-from .base import Sample, Task, fit_length, register_task
+from . import TASKS
+from .base import Sample, Task, fit_length
 from .ruler import char_depths, check_depth, fit, lazy_list, unit_tokens, uuid4
 
 TEMPLATE = (
@@ -28,7 +29,7 @@ def pair(key: str, value: str) -> str:
     return f'"{key}": "{value}"'
 
 
-@register_task
+@TASKS.register()
 class KvRetrieval(Task):
     name = "kv_retrieval"
     description = "InfiniteBench kv_retrieval: a uuid key's uuid value in a JSON object of uuid pairs"

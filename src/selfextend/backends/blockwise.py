@@ -13,72 +13,70 @@ costs about one causal attention pass, never an L x L matrix:
 Both passes run on ``primitives.attention_with_lse`` (the CPU flash kernel where available). Padding is
 handled per row by slicing each row's contiguous run of real tokens, which makes it unpadded; rows whose
 padding is not one contiguous block (right padding followed by new tokens) are not supported here and
-``backend="auto"`` routes them to the reference backend.
+``backend="auto"`` routes them to the reference backend. The same ``"cpu"`` backend runs DCA
+(``dca_blockwise.py``), on the same per-row slicing.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Backend, SelfExtendInputs
+from . import BACKENDS
+from .base import (
+    Backend,
+    DCAInputs,
+    Inputs,
+    SelfExtendInputs,
+    contiguous_padding,
+    query_range,
+    real_key_ranges,
+)
+from .dca_blockwise import dca_unpadded
 from .merge import merge_lse
-from .primitives import attention_with_lse
+from .primitives import attention_with_lse, bottom_right_causal
 
 _MERGE_ROWS = 2048
 
 
-def _valid_ranges(inp: SelfExtendInputs) -> list[tuple[int, int]] | None:
-    """Per row, the [first, last] key index of its real tokens, or None if they are not contiguous."""
-    last_query_key = inp.q_start + inp.q_len - 1
-    if inp.key_valid is None:
-        return [(0, last_query_key)] * inp.query.shape[0]
-    valid = inp.key_valid[:, : last_query_key + 1]
-    idx = torch.arange(valid.shape[1], device=valid.device)
-    count = valid.sum(dim=1)
-    first = torch.where(valid, idx, valid.shape[1]).amin(dim=1)
-    last = torch.where(valid, idx, -1).amax(dim=1)
-    if bool(((count > 0) & (last - first + 1 != count)).any()):
-        return None
-    return [(int(f), int(la)) for f, la in zip(first.tolist(), last.tolist(), strict=True)]
-
-
-def _query_range(inp: SelfExtendInputs, first: int, last: int) -> tuple[int, int]:
-    """Query indices [q_first, q_last] whose own token lies in the real key range [first, last]."""
-    return max(first, inp.q_start) - inp.q_start, last - inp.q_start
-
-
+@BACKENDS.register()
 class BlockwiseBackend(Backend):
-    """The default backend: exact, memory-linear, at the cost of about one causal attention pass."""
+    """The default backend: exact, memory-linear, at the cost of about one causal attention pass.
+
+    SelfExtend here; DCA's blockwise form is ``dca_blockwise.py``. Both run per row on its real tokens."""
 
     name = "cpu"
+    methods = ("self-extend", "dca")
 
     def __init__(self, block_size: int = 256):  # at 16k, 2 threads: 1.08x SDPA vs 1.11x with 512
         self.block_size = block_size
 
-    def supports(self, inp: SelfExtendInputs) -> str | None:
-        if _valid_ranges(inp) is None:
+    def supports(self, inp: Inputs) -> str | None:
+        if not contiguous_padding(inp):
             return "padding is not one contiguous block per row"
         return None
 
-    def forward(self, inp: SelfExtendInputs) -> torch.Tensor:
-        ranges = _valid_ranges(inp)
+    def forward(self, inp: Inputs) -> torch.Tensor:
+        unpadded = dca_unpadded if isinstance(inp, DCAInputs) else self._unpadded
+        ranges = real_key_ranges(inp)
         if ranges is None:
             raise ValueError(f"backend 'cpu' cannot run this input: {self.supports(inp)}; use backend='reference'")
         bsz, heads, q_len, _ = inp.query.shape
         if inp.key_valid is None:
             first, last = ranges[0]
-            return self._unpadded(inp, slice(None), first, last)
+            start = inp.key_pos[:, first]
+            if bool((start == start[0]).all()):  # one position layout for the whole batch
+                return unpadded(inp, slice(None), first, last)
         out = inp.query.new_zeros(bsz, heads, q_len, inp.value.shape[-1])
         for b, (first, last) in enumerate(ranges):
-            q_first, q_last = _query_range(inp, first, last)
+            q_first, q_last = query_range(inp, first, last)
             if last < first or q_last < q_first:  # no real query in this row
                 continue
-            out[b : b + 1, :, q_first : q_last + 1] = self._unpadded(inp, slice(b, b + 1), first, last)
+            out[b : b + 1, :, q_first : q_last + 1] = unpadded(inp, slice(b, b + 1), first, last)
         return out
 
     def _unpadded(self, inp: SelfExtendInputs, rows: slice, first: int, last: int) -> torch.Tensor:
         """SelfExtend for rows whose real keys are ``[first, last]`` and whose real queries end at ``last``."""
-        q_first, q_last = _query_range(inp, first, last)
+        q_first, q_last = query_range(inp, first, last)
         q = inp.query[rows, :, q_first : q_last + 1]
         qg = inp.grouped_query[rows, :, q_first : q_last + 1]
         k = inp.key[rows, :, first : last + 1]
@@ -102,16 +100,8 @@ class BlockwiseBackend(Backend):
         r0 = max(0, window - off)  # first query with a grouped key
         if r0 < m:
             n_g, m_g = n - window, m - r0
-            qg, kg, vg = qg[:, :, r0:], kg[:, :, :n_g], v[:, :, :n_g]
-            if m_g == n_g:
-                out_g, lse_g = attention_with_lse(qg, kg, vg, scale, causal=True, softcap=softcap)
-            elif m_g == 1:
-                out_g, lse_g = attention_with_lse(qg, kg, vg, scale, softcap=softcap)
-            else:  # more keys than queries: a full prefix plus a bottom-right causal square
-                p = n_g - m_g
-                o1, l1 = attention_with_lse(qg, kg[:, :, :p], vg[:, :, :p], scale, softcap=softcap)
-                o2, l2 = attention_with_lse(qg, kg[:, :, p:], vg[:, :, p:], scale, causal=True, softcap=softcap)
-                out_g, lse_g = merge_lse(o1, l1, o2, l2)
+            # grouped query r0 + t sees grouped keys [0, n_g - m_g + t]: bottom-right causal
+            out_g, lse_g = bottom_right_causal(qg[:, :, r0:], kg[:, :, :n_g], v[:, :, :n_g], scale, softcap)
             for s in range(0, m_g, _MERGE_ROWS):  # fp32 merge temporaries per chunk of rows
                 e = min(m_g, s + _MERGE_ROWS)
                 rows_ = slice(r0 + s, r0 + e)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import random
 import re
 
-from .base import Sample, Task, fit_length, register_task
+from . import TASKS
+from .base import Sample, Task, fit_length
+from .haystack import FILLER
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
 )
-GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 
 
 def build_prompt(n_garbage: int, depth: float, passkey: int) -> str:
-    reps = n_garbage // len(GARBAGE) + 2
-    garbage_inf = " ".join([GARBAGE] * reps)
+    reps = n_garbage // len(FILLER) + 2
+    garbage_inf = " ".join([FILLER] * reps)
     n_prefix = int(round(depth * n_garbage))
     prefix, suffix = garbage_inf[:n_prefix], garbage_inf[: n_garbage - n_prefix]
     info = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
@@ -35,7 +36,7 @@ def first_integer(text: str) -> int | None:
     return int(match.group()) if match else None
 
 
-@register_task
+@TASKS.register()
 class Passkey(Task):
     name = "passkey"
     description = "Landmark passkey: a 5-digit key in repeated filler; first integer of the answer"

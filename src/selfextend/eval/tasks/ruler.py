@@ -23,11 +23,12 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from .base import Sample, Task, count_tokens, fit_length, register_task
+from . import TASKS
+from .base import Sample, Task, count_tokens, fit_length
+from .haystack import FILLER
 
 T = TypeVar("T")
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 ADJECTIVES = (
     "able", "active", "adorable", "agile", "amber", "ancient", "angry", "aquatic", "arctic", "bashful",
@@ -230,7 +231,7 @@ class RulerNiah(Task):
         items = list(zip(fracs, needles, strict=True))
 
         if self.haystack == "noise":
-            lines = Lines(lambda i: NOISE)
+            lines = Lines(lambda i: FILLER)
         else:  # distractor needles, drawn after the real keys so none repeats them
             lines = Lines(lambda i: NIAH_NEEDLE.format(kind=self.value_kind, key=new_key(), value=new_value()))
 
@@ -262,20 +263,20 @@ class RulerNiah(Task):
         return match_all(prediction, sample.expected)
 
 
-@register_task
+@TASKS.register()
 class NiahSingle(RulerNiah):
     name = "niah_single"
     description = "RULER niah_single_1: one word -> 7-digit number needle in the repeated noise sentence"
 
 
-@register_task
+@TASKS.register()
 class NiahMultikey(RulerNiah):
     name = "niah_multikey"
     description = "RULER niah_multikey_2: word -> number needle among distractor needles with other keys"
     haystack = "needle"
 
 
-@register_task
+@TASKS.register()
 class NiahMultikeyUuid(RulerNiah):
     name = "niah_multikey_uuid"
     description = "RULER niah_multikey_3: uuid -> uuid needle among distractor uuid needles"
@@ -284,7 +285,7 @@ class NiahMultikeyUuid(RulerNiah):
     max_new_tokens = 44  # a uuid is 35-37 tokens when every hex digit is one token
 
 
-@register_task
+@TASKS.register()
 class NiahMultivalue(RulerNiah):
     name = "niah_multivalue"
     description = "RULER niah_multivalue: one key with 4 values at random positions; all 4 must be returned"
@@ -293,7 +294,7 @@ class NiahMultivalue(RulerNiah):
     max_new_tokens = 44  # " 1234567, 2345678, 3456789, and 4567890." is 37 tokens when digits are tokens
 
 
-@register_task
+@TASKS.register()
 class NiahMultiquery(RulerNiah):
     name = "niah_multiquery"
     description = "RULER niah_multiquery: 4 keys at random positions, all 4 queried; all values must be returned"
@@ -323,7 +324,7 @@ def vt_chain(rng: random.Random, letters: int, hops: int) -> tuple[list[str], li
     return names, lines, value
 
 
-@register_task
+@TASKS.register()
 class VariableTracking(Task):
     name = "vt"
     description = "RULER vt: one chain of 4 hops (5 variables) in noise, 1-shot; return every variable holding the value"
@@ -335,7 +336,7 @@ class VariableTracking(Task):
         rng = random.Random(f"{self.name}:{seed}")
         ex_names, ex_lines, ex_value = vt_chain(rng, 3, self.hops)
         ex_fracs = sorted(rng.random() for _ in ex_lines)  # sorted: the chain reads in order, as in RULER
-        ex_context = "\n".join(insert_lines([NOISE] * 5, list(zip(ex_fracs, ex_lines, strict=True))))
+        ex_context = "\n".join(insert_lines([FILLER] * 5, list(zip(ex_fracs, ex_lines, strict=True))))
         example = (VT_TEMPLATE.format(context=ex_context, query=ex_value) + " "
                    + VT_ANSWER.format(num_v=self.hops + 1, query=ex_value) + " " + " ".join(ex_names) + "\n\n")
         names, chain, value = vt_chain(rng, 5, self.hops)
@@ -343,7 +344,7 @@ class VariableTracking(Task):
         head, tail = VT_TEMPLATE.split("{context}")
         head = example + head
         tail = tail.format(query=value) + " " + VT_ANSWER.format(num_v=self.hops + 1, query=value)
-        lines = Lines(lambda i: NOISE)
+        lines = Lines(lambda i: FILLER)
 
         def build(n: int) -> str:
             return head + "\n".join(insert_lines(lines.cut(n), items)) + tail
@@ -370,7 +371,7 @@ def numbered(words: list[str]) -> str:
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
 
 
-@register_task
+@TASKS.register()
 class CommonWords(Task):
     name = "cwe"
     description = "RULER cwe: numbered word list, 10 words repeated often, the rest rarely; 1-shot; return the 10"
@@ -427,7 +428,7 @@ def zipf_words(vocab: list[str], n: int, rng: random.Random) -> list[str]:
     return words
 
 
-@register_task
+@TASKS.register()
 class FrequentWords(Task):
     name = "fwe"
     description = "RULER fwe: six-letter coded words with Zipf(2) counts, rank 1 is '...'; 1-shot; return ranks 2-4"

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from .. import api
-from ..methods import get_method
-from ..tasks import Sample, get_task
+from ..methods import METHODS
 from .results import SAMPLES_FILE, SampleWriter, latest_rows, read_rows, row_key
+from .tasks import TASKS, Sample
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ ALIASES = {"G": "group_size", "W": "window"}
 
 def parse_method(spec: str) -> MethodSpec:
     name, *pairs = spec.strip().split(":")
-    method = get_method(name)
+    method = METHODS.get(name)
     types = {p.name: p.type for p in method.params}
     params: dict[str, Any] = {}
     for pair in pairs:
@@ -103,14 +103,14 @@ def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, An
     """Resolve every (method, length) before running anything, so bad settings fail in seconds."""
     resolved = {}
     for spec in config.methods:
-        method = get_method(spec.name)
+        method = METHODS.get(spec.name)
         for length in config.lengths:
             resolved[spec.label, length] = method.resolve(model, length, dict(spec.params))
     return resolved
 
 
 def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
-    task = get_task(config.task)
+    task = TASKS.get(config.task)
     depths: list[float | None] = list(config.depths or [0.5]) if task.uses_depth else [None]
     return [(length, spec, depth, i) for length in config.lengths for spec in config.methods for depth in depths
             for i in range(config.samples)]
@@ -118,12 +118,12 @@ def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
 
 def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the evaluation; returns every row of the samples file for this task."""
-    task = get_task(config.task)
+    task = TASKS.get(config.task)
     out = Path(out_dir)
     path = out / SAMPLES_FILE.format(task=config.task)
     resolved = resolve_all(model, config)
     if task.kind == "ppl":
-        from ..tasks.ppl import corpus_text
+        from .tasks.haystack import corpus_text
 
         corpus_text(config.task_args.get("corpus", "pydoc"))  # a missing corpus fails before any model run
     done = latest_rows(read_rows(path)[0])

@@ -42,24 +42,6 @@ class Task:
         raise NotImplementedError
 
 
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task_cls: type[Task]) -> type[Task]:
-    """Class decorator: add a task to the registry under ``task_cls.name``."""
-    TASKS[task_cls.name] = task_cls()
-    return task_cls
-
-
-def get_task(name: str) -> Task:
-    from . import load_all
-
-    load_all()
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
-
-
 def count_tokens(tokenizer, text: str) -> int:
     """Tokens the model reads for ``text`` (special tokens included, as in generation)."""
     return len(tokenizer(text).input_ids)

@@ -78,7 +78,7 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
     print("\n" + table, file=stream, end="")
     write_ranking(out_dir, target_length, L, depth_list, seed, ranked, table)
     if ranked and save:
-        from ..tuning import save_tuned
+        from ..methods.tuned import save_tuned
 
         best = ranked[0]
         path = save_tuned(model, target_length, {"group_size": best["group_size"], "window": best["window"]},

@@ -1,0 +1,100 @@
+"""SelfExtend's attention in transformers: grouped q/k from the rotated ones, the grouped KV cache, a backend.
+
+q and k arrive rotated at their true positions; the query moves to ``i // G + W - W // G`` by one delta
+rotation, keys to ``j // G`` (once per key, in the KV cache itself: ``grouped_cache.GroupedCache``), and a
+backend computes one softmax over neighbor and grouped scores. Calls whose every key is a neighbor (the
+largest query position below W) and ``group_size=1`` run the model's own attention: bit-identical to vanilla.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ...backends import SelfExtendInputs, select_backend
+from ...config import SelfExtendConfig
+from ...positions import grouped_query_positions, padding_spans, query_temperature, smallest_group_size
+from .attention import AttentionCall, AttentionIntegration, ModelState
+from .grouped_cache import GroupedCache
+
+_overflow_warned: set[int] = set()
+
+
+class SelfExtendAttention(AttentionIntegration):
+    attn_name = "selfextend"
+    label = "SelfExtend"
+
+    def remaps(self, config: SelfExtendConfig) -> bool:
+        return config.group_size > 1
+
+    def new_state(self, model: torch.nn.Module) -> GroupedCache:
+        return GroupedCache(model.base_model)  # keeps old keys grouped in the KV cache between calls
+
+    def closing(self, state: ModelState) -> None:
+        state.extra.close()  # caches filled meanwhile go back to true positions
+
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        cfg: SelfExtendConfig = call.config
+        keeper: GroupedCache = call.layer.model_state.extra
+        layer_idx, key = call.layer.layer_idx, call.key
+        if call.max_pos < cfg.window or cfg.group_size == 1:  # every key is a neighbor / G = 1: vanilla
+            if keeper.holds(layer_idx, key):  # a cache grouped earlier (then cropped, or G changed)
+                keeper.ungroup(layer_idx, key, call.key_positions()[1], call.q_start, 0, call.rotate)
+            return None
+        if call.max_pos >= cfg.max_length:
+            _overflow(cfg, call.max_pos + 1)
+
+        key_valid, key_pos = call.key_positions()
+        G, W = cfg.group_size, cfg.window
+        query, query_pos, written = call.query, call.query_pos, call.written
+        factor = query_temperature(query_pos, cfg.trained_length, query.dtype) if cfg.temperature else None
+        if factor is not None:  # per query row, so neighbor and grouped logits of that row grow alike
+            query = query * factor
+        query_delta = call.per_forward(("query_delta", *query_pos.shape, call.kv_len, query.device, G, W),
+                                       lambda: grouped_query_positions(query_pos, G, W) - query_pos)
+        grouped_query = call.rotate(query, query_delta)
+        contiguous = ends_contiguous(key_valid, written)
+        grouped_key = keeper.grouped_keys(layer_idx, key, key_pos, written, call.q_start, W, G, contiguous,
+                                          call.rotate)
+        inputs = SelfExtendInputs(
+            query=query,
+            key=key[:, :, :written],
+            value=call.value[:, :, :written],
+            grouped_query=grouped_query,
+            grouped_key=grouped_key,
+            query_pos=query_pos,
+            key_pos=key_pos[:, :written],
+            key_valid=None if key_valid is None else key_valid[:, :written],
+            q_start=call.q_start,
+            window=W,
+            scaling=call.scaling,
+            softcap=call.kwargs.get("softcap"),
+        )
+        out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
+        keeper.commit(layer_idx, key, grouped_key, key_pos, written, W, G, contiguous, call.rotate)
+        return out
+
+
+def ends_contiguous(key_valid: torch.Tensor | None, written: int) -> bool:
+    """Do each row's real keys run without a gap up to the last key (no padding, or left padding)?"""
+    if key_valid is None:
+        return True
+    first, _, count = padding_spans(key_valid, written)
+    return bool(((count == 0) | (first + count == written)).all())
+
+
+def _overflow(cfg: SelfExtendConfig, length: int) -> None:
+    msg = (
+        f"{length} tokens exceed the reach ({cfg.trained_length}-{cfg.window})*{cfg.group_size}+{cfg.window} = "
+        f"{cfg.max_length} of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave the trained "
+        f"range. Set group_size >= {smallest_group_size(length, cfg.trained_length, cfg.window)}"
+    )
+    if not cfg.allow_overflow:
+        raise ValueError(msg + ", or pass allow_overflow=True to continue with a warning.")
+    if length // 1024 not in _overflow_warned:  # once per 1k tokens, not once per layer
+        _overflow_warned.add(length // 1024)
+        warnings.warn(msg + ".", RuntimeWarning, stacklevel=3)
+
+
+SELFEXTEND = SelfExtendAttention()

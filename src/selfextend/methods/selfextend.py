@@ -1,0 +1,46 @@
+"""SelfExtend (arXiv 2401.01325): neighbor attention below ``window``, grouped positions beyond it.
+
+Validation is ``config.selfextend_config``, the attention ``integrations/hf/selfextend.py`` and ``backends/``;
+this module adds the one thing only this method does with ``target_length``: settings that ``selfextend tune``
+measured for this model win over the authors' rule."""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import SelfExtendConfig, selfextend_config
+from ..integrations.hf import SELFEXTEND
+from . import METHODS
+from .base import AttentionMethod, Param, config_params
+from .tuned import tuned_settings
+
+logger = logging.getLogger("selfextend")
+
+
+@METHODS.register()
+class SelfExtend(AttentionMethod):
+    name = "self-extend"
+    summary = "SelfExtend: exact RoPE for keys closer than window, positions // group_size beyond"
+    params = (
+        Param("group_size", int, None, "G: grouped positions are floor(pos / G) (default: from target_length)"),
+        Param("window", int, None, "W: keys closer than W keep exact distances (default 1024 for L >= 4096)"),
+        Param("trained_length", int, None, "override the trained context L"),
+        Param("backend", str, "auto", "attention backend: auto, cpu, reference, flex, triton (see available_backends())"),
+        Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
+        Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L (as DCA/YaRN; not in the paper)"),
+    )
+    config_class = SelfExtendConfig
+    integration = SELFEXTEND
+
+    def resolve(self, model, target_length, params):
+        self.check_params(params)
+        params = dict(params)
+        if target_length is not None and params.get("group_size") is None:
+            tuned = tuned_settings(model, target_length)
+            if tuned is not None and params.get("window") in (None, tuned["window"]):
+                logger.warning("selfextend: target_length=%d -> tuned settings %s", target_length, tuned)
+                params.update(group_size=tuned["group_size"], window=tuned["window"])
+        return config_params(selfextend_config(model.config, target_length=target_length, **params))
+
+    def reach(self, model, params):
+        return self.config(params).max_length
