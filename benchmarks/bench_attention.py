@@ -114,7 +114,8 @@ def build_inputs(shape: str, length: int, mode: str, device: str, dtype: torch.d
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
     qg = rotate_by(q, grouped_query_positions(qpos, group, window) - qpos, inv_freq)
     kg = rotate_by(k, grouped_key_positions(kpos, group) - kpos, inv_freq)
-    return SelfExtendInputs(q, k, v, qg, kg, qpos, kpos, None, length - q_len, window, dim**-0.5)
+    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=qpos, key_pos=kpos,
+                            key_valid=None, q_start=length - q_len, window=window, scaling=dim**-0.5)
 
 
 def make_call(method: str, inp):

@@ -27,7 +27,8 @@ def make_inputs(
     k_pos, _ = absolute_key_positions(q_pos, key_valid, q_start, kv_len)
     qg = rotate_by(q, grouped_query_positions(q_pos, group, window) - q_pos, inv_freq)
     kg = rotate_by(k, grouped_key_positions(k_pos, group) - k_pos, inv_freq)
-    return SelfExtendInputs(q, k, v, qg, kg, q_pos, k_pos, key_valid, q_start, window, dim**-0.5, softcap)
+    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=q_pos, key_pos=k_pos,
+                            key_valid=key_valid, q_start=q_start, window=window, scaling=dim**-0.5, softcap=softcap)
 
 
 def real_rows(out: torch.Tensor, inp: SelfExtendInputs) -> torch.Tensor:

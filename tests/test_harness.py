@@ -159,7 +159,7 @@ def test_cli_errors_are_clear(capsys):
     assert main(["eval", "passkey", "--methods", "warp-drive", "--out", "/tmp/x-never"]) == 2
     assert "Unknown method 'warp-drive'. Available: " in capsys.readouterr().err
     assert main(["eval", "nosuchtask", "--out", "/tmp/x-never"]) == 2
-    assert "unknown task" in capsys.readouterr().err
+    assert "Unknown task" in capsys.readouterr().err
 
 
 def test_ppl_modes_agree_where_they_must(model, tokenizer):

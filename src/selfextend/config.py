@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,18 +84,14 @@ class SelfExtendConfig:
         )
 
 
-def selfextend_config(
-    model_config,
-    group_size: int | None = None,
-    window: int | None = None,
-    *,
-    target_length: int | None = None,
-    trained_length: int | None = None,
-    backend: str = "auto",
-    allow_overflow: bool = False,
-    temperature: bool = False,
-) -> SelfExtendConfig:
-    """Validate explicit settings, or derive them from ``target_length`` with the authors' rule."""
+def selfextend_config(model_config, params: Mapping[str, Any], target_length: int | None = None) -> SelfExtendConfig:
+    """Validate explicit settings, or derive them from ``target_length`` with the authors' rule.
+
+    Reads ``group_size``, ``window``, ``trained_length`` (default: the model's), ``backend`` (``"auto"``),
+    ``allow_overflow`` (False) and ``temperature`` (False) from ``params``."""
+    group_size, window, trained_length = params.get("group_size"), params.get("window"), params.get("trained_length")
+    backend, allow_overflow = params.get("backend", "auto"), params.get("allow_overflow", False)
+    temperature = params.get("temperature", False)
     L = trained_length if trained_length is not None else trained_length_of(model_config)
     check_number("trained_length", L, minimum=2, integer=True)
     check_backend_name(backend, "self-extend")
@@ -188,18 +185,14 @@ def qwen_dca_config(model_config) -> dict | None:
     return cfg
 
 
-def dca_config(
-    model_config,
-    chunk_size: int | None = None,
-    local_window: int | None = None,
-    *,
-    target_length: int | None = None,
-    trained_length: int | None = None,
-    temperature: bool | None = None,
-    vanilla_within_trained: bool = True,
-    backend: str = "auto",
-) -> DCAConfig:
-    """Validate DCA settings; defaults from Qwen's config when the model ships one, else 3L/4 and L/16."""
+def dca_config(model_config, params: Mapping[str, Any], target_length: int | None = None) -> DCAConfig:
+    """Validate DCA settings; defaults from Qwen's config when the model ships one, else 3L/4 and L/16.
+
+    Reads ``chunk_size``, ``local_window``, ``trained_length``, ``temperature`` (default: on with Qwen's
+    config), ``vanilla_within_trained`` (True) and ``backend`` (``"auto"``) from ``params``."""
+    chunk_size, local_window = params.get("chunk_size"), params.get("local_window")
+    trained_length, temperature = params.get("trained_length"), params.get("temperature")
+    vanilla_within_trained, backend = params.get("vanilla_within_trained", True), params.get("backend", "auto")
     qwen = qwen_dca_config(model_config)
     from_qwen = qwen is not None and chunk_size is None and local_window is None
     if qwen is not None and trained_length is None and "original_max_position_embeddings" in qwen:

@@ -28,10 +28,13 @@ class Registry(Generic[T]):
         return entry
 
     def register(self, name: str | None = None) -> Callable[[type], type]:
-        """Class decorator: register an instance of the class under ``name`` (default: its ``name``)."""
+        """Class decorator: register an instance of the class under ``name``, which also becomes its ``name``
+        attribute (default: the class's own ``name``)."""
 
         def decorate(cls: type) -> type:
-            self.add(name or cls.name, cls())
+            if name is not None:
+                cls.name = name
+            self.add(cls.name, cls())
             return cls
 
         return decorate

@@ -26,22 +26,21 @@ import torch
 from ..positions import padding_spans
 
 
-@dataclass
-class SelfExtendInputs:
-    method: ClassVar[str] = "self-extend"
+@dataclass(kw_only=True)
+class AttentionInputs:
+    """What every method's backend receives (keyword-only: a dozen tensors and ints are easy to misplace)."""
+
+    method: ClassVar[str]
 
     query: torch.Tensor  # (B, H, q_len, D) rotated at query_pos
     key: torch.Tensor  # (B, Hkv, kv_len, D) rotated at key_pos
     value: torch.Tensor  # (B, Hkv, kv_len, Dv)
-    grouped_query: torch.Tensor  # (B, H, q_len, D) rotated at i // G + W - W // G
-    grouped_key: torch.Tensor  # (B, Hkv, kv_len, D) rotated at j // G
     query_pos: torch.Tensor  # (B, q_len) long
     key_pos: torch.Tensor  # (B, kv_len) long (0 at padding)
     key_valid: torch.Tensor | None  # (B, kv_len) bool, None = no padding
     q_start: int  # index in the key tensor of query 0 (causality is by index: key j <= q_start + i)
-    window: int
     scaling: float
-    softcap: float | None = None
+    softcap: float | None = None  # Gemma 2: cap * tanh(score / cap)
 
     @property
     def q_len(self) -> int:
@@ -50,6 +49,15 @@ class SelfExtendInputs:
     @property
     def kv_len(self) -> int:
         return self.key.shape[2]
+
+
+@dataclass(kw_only=True)
+class SelfExtendInputs(AttentionInputs):
+    method: ClassVar[str] = "self-extend"
+
+    grouped_query: torch.Tensor  # (B, H, q_len, D) rotated at i // G + W - W // G
+    grouped_key: torch.Tensor  # (B, Hkv, kv_len, D) rotated at j // G
+    window: int
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (query, key) variants, indexed by ``part``: 0 neighbor, 1 grouped."""
@@ -61,38 +69,21 @@ class SelfExtendInputs:
         return (distance >= self.window).long()
 
 
-@dataclass
-class DCAInputs:
+@dataclass(kw_only=True)
+class DCAInputs(AttentionInputs):
     method: ClassVar[str] = "dca"
 
-    query: torch.Tensor  # (B, H, q_len, D) rotated at query_pos
-    key: torch.Tensor  # (B, Hkv, kv_len, D) rotated at key_pos
-    value: torch.Tensor  # (B, Hkv, kv_len, Dv)
     chunk_key: torch.Tensor  # (B, Hkv, kv_len, D) rotated at key_pos mod chunk_len
     query_intra: torch.Tensor  # (B, H, q_len, D) rotated at i mod cl (times the temperature)
     query_succ: torch.Tensor  # rotated at min(i mod cl + cl, cs)
     query_inter: torch.Tensor  # rotated at cs
-    query_pos: torch.Tensor  # (B, q_len) long
-    key_pos: torch.Tensor  # (B, kv_len) long (0 at padding)
-    key_valid: torch.Tensor | None  # (B, kv_len) bool, None = no padding
-    q_start: int  # index in the key tensor of query 0
     chunk_size: int
     local_window: int
     exact_below: int  # queries at positions below it attend with plain RoPE
-    scaling: float
-    softcap: float | None = None
 
     @property
     def chunk_len(self) -> int:
         return self.chunk_size - self.local_window
-
-    @property
-    def q_len(self) -> int:
-        return self.query.shape[2]
-
-    @property
-    def kv_len(self) -> int:
-        return self.key.shape[2]
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (query, key) variants, indexed by ``part``: 0 plain, 1 intra, 2 successive, 3 inter-chunk."""
@@ -108,7 +99,7 @@ class DCAInputs:
         return torch.where(qp < self.exact_below, 0, part)
 
 
-Inputs = SelfExtendInputs | DCAInputs
+Inputs = AttentionInputs  # SelfExtendInputs or DCAInputs
 
 
 class Backend:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..backends import available_backends
 from ..config import trained_length_of
 from ..integrations.hf import AttentionIntegration
 
@@ -19,6 +20,14 @@ class Param:
     type: type
     default: Any  # None: derived from target_length (or the model) when omitted
     help: str
+
+
+TRAINED_LENGTH = Param("trained_length", int, None, "override the trained context L")
+
+
+def backend_param(method: str) -> Param:
+    """The ``backend`` parameter of an attention method, listing the backends that run it."""
+    return Param("backend", str, "auto", f"attention backend: {', '.join(available_backends(method))}")
 
 
 @dataclass
@@ -35,7 +44,7 @@ class Method:
 
     ``resolve`` never touches the model, so a bad parameter leaves the model as it was."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by ``@METHODS.register(name)``
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
 

@@ -6,12 +6,11 @@ import torch
 
 from ..config import truncate_keep
 from . import METHODS
-from .base import STATE_ATTR, ActiveMethod, Method, Param, trained_length
+from .base import STATE_ATTR, TRAINED_LENGTH, ActiveMethod, Method, Param, trained_length
 
 
-@METHODS.register()
+@METHODS.register("vanilla")
 class Vanilla(Method):
-    name = "vanilla"
     summary = "the model as trained: RoPE positions past the trained length extrapolate"
 
     def resolve(self, model, target_length, params):
@@ -25,14 +24,13 @@ class Vanilla(Method):
         pass
 
 
-@METHODS.register()
+@METHODS.register("truncate")
 class Truncate(Method):
-    name = "truncate"
     summary = "keep only the last `keep` prompt tokens (what users fall back to); the model stays vanilla"
     params = (
         Param("keep", int, None, "prompt tokens kept (default: trained length - headroom)"),
         Param("headroom", int, None, "tokens left for the answer when `keep` is derived (default min(64, L // 8))"),
-        Param("trained_length", int, None, "override the trained context L"),
+        TRAINED_LENGTH,
     )
 
     def resolve(self, model, target_length, params):

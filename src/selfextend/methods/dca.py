@@ -20,12 +20,11 @@ from __future__ import annotations
 from ..config import DCAConfig, dca_config
 from ..integrations.hf import DCA
 from . import METHODS
-from .base import AttentionMethod, Param, config_params
+from .base import TRAINED_LENGTH, AttentionMethod, Param, backend_param, config_params
 
 
-@METHODS.register()
+@METHODS.register("dca")
 class DualChunkAttention(AttentionMethod):
-    name = "dca"
     summary = "Dual Chunk Attention (ChunkLlama): keys at j mod chunk_len; intra/successive/inter-chunk queries"
     params = (
         Param("chunk_size", int, None, "cs < L: largest query position (default 3L/4, or Qwen's config)"),
@@ -35,15 +34,15 @@ class DualChunkAttention(AttentionMethod):
               "models with Qwen's dual_chunk_attention_config, else off)"),
         Param("vanilla_within_trained", bool, True, "queries before the trained length keep plain RoPE: the model "
               "is exactly vanilla within L"),
-        Param("trained_length", int, None, "override the trained context L"),
-        Param("backend", str, "auto", "attention backend: auto, cpu, reference"),
+        TRAINED_LENGTH,
+        backend_param("dca"),
     )
     config_class = DCAConfig
     integration = DCA
 
     def resolve(self, model, target_length, params):
         self.check_params(params)
-        return config_params(dca_config(model.config, target_length=target_length, **params))
+        return config_params(dca_config(model.config, params, target_length))
 
     def reach(self, model, params):
         return self.config(params).reach

@@ -19,7 +19,7 @@ import torch
 from ..config import rope_scaling_factor
 from ..integrations.hf.model_info import check_model, rotary_embedding
 from . import METHODS
-from .base import ActiveMethod, Method, Param, trained_length
+from .base import TRAINED_LENGTH, ActiveMethod, Method, Param, trained_length
 
 
 def _linear(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
@@ -55,7 +55,7 @@ class RopeScaling(Method):
     bounded = True  # False for dynamic NTK, which rescales itself with the length
     params = (
         Param("factor", float, None, "scale s >= 1 (default: target_length / trained length)"),
-        Param("trained_length", int, None, "override the trained context L"),
+        TRAINED_LENGTH,
     )
 
     def resolve(self, model, target_length, params):
@@ -101,31 +101,27 @@ class RopeScaling(Method):
         setattr(parent, attr, original)
 
 
-@METHODS.register()
+@METHODS.register("linear")
 class Linear(RopeScaling):
-    name = "linear"
     summary = "position interpolation (transformers rope_type 'linear'): frequencies / factor"
     rope_fn = staticmethod(_linear)
 
 
-@METHODS.register()
+@METHODS.register("ntk")
 class NTK(RopeScaling):
-    name = "ntk"
     summary = "static NTK-aware scaling: rope_theta * factor ** (D / (D - 2))"
     rope_fn = staticmethod(_ntk)
 
 
-@METHODS.register()
+@METHODS.register("dynamic-ntk")
 class DynamicNTK(RopeScaling):
-    name = "dynamic-ntk"
     summary = "dynamic NTK (rope_type 'dynamic'): the base grows with the current length past L"
     rope_fn = staticmethod(_dynamic)
     bounded = False
 
 
-@METHODS.register()
+@METHODS.register("yarn")
 class YaRN(RopeScaling):
-    name = "yarn"
     summary = "YaRN (rope_type 'yarn'): NTK-by-parts frequencies and attention temperature 0.1 ln(s) + 1"
     rope_fn = staticmethod(_yarn)
     params = RopeScaling.params + (

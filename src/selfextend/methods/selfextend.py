@@ -11,21 +11,22 @@ import logging
 from ..config import SelfExtendConfig, selfextend_config
 from ..integrations.hf import SELFEXTEND
 from . import METHODS
-from .base import AttentionMethod, Param, config_params
+from .base import TRAINED_LENGTH, AttentionMethod, Param, backend_param, config_params
 from .tuned import tuned_settings
 
 logger = logging.getLogger("selfextend")
 
 
-@METHODS.register()
+@METHODS.register("self-extend")
 class SelfExtend(AttentionMethod):
-    name = "self-extend"
+    """The authors' ``target_length`` rule, unless ``selfextend tune`` saved measured settings for this model."""
+
     summary = "SelfExtend: exact RoPE for keys closer than window, positions // group_size beyond"
     params = (
         Param("group_size", int, None, "G: grouped positions are floor(pos / G) (default: from target_length)"),
         Param("window", int, None, "W: keys closer than W keep exact distances (default 1024 for L >= 4096)"),
-        Param("trained_length", int, None, "override the trained context L"),
-        Param("backend", str, "auto", "attention backend: auto, cpu, reference, flex, triton (see available_backends())"),
+        TRAINED_LENGTH,
+        backend_param("self-extend"),
         Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
         Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L (as DCA/YaRN; not in the paper)"),
     )
@@ -40,7 +41,7 @@ class SelfExtend(AttentionMethod):
             if tuned is not None and params.get("window") in (None, tuned["window"]):
                 logger.warning("selfextend: target_length=%d -> tuned settings %s", target_length, tuned)
                 params.update(group_size=tuned["group_size"], window=tuned["window"])
-        return config_params(selfextend_config(model.config, target_length=target_length, **params))
+        return config_params(selfextend_config(model.config, params, target_length))
 
     def reach(self, model, params):
         return self.config(params).max_length

@@ -195,6 +195,13 @@ class AttentionCall:
             return self.spec.positions(self.query_pos, self.q_start, self.kv_len)
         return None, absolute_key_positions(self.query_pos, None, self.q_start, self.kv_len)[0]
 
+    def backend_inputs(self, key_valid: torch.Tensor | None, key_pos: torch.Tensor) -> dict[str, Any]:
+        """The fields every method's backend inputs share (``backends/base.py``): keys cut to the written ones."""
+        w = self.written
+        return dict(key=self.key[:, :, :w], value=self.value[:, :, :w], query_pos=self.query_pos,
+                    key_pos=key_pos[:, :w], key_valid=None if key_valid is None else key_valid[:, :w],
+                    q_start=self.q_start, scaling=self.scaling, softcap=self.kwargs.get("softcap"))
+
     def rotate(self, x: torch.Tensor, delta: torch.Tensor, shared: bool = True) -> torch.Tensor:
         """``x`` rotated by ``delta`` positions with this layer's frequencies. ``shared``: small rotations (a
         decode step) reuse one matrix per forward across layers (``rope.rotate_by``'s memo)."""

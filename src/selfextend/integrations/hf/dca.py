@@ -41,7 +41,7 @@ class DCAAttention(AttentionIntegration):
 
         key_valid, key_pos = call.key_positions()
         cs, cl = cfg.chunk_size, cfg.chunk_len
-        query, query_pos, written = call.query, call.query_pos, call.written
+        query, query_pos = call.query, call.query_pos
         factor = query_temperature(query_pos, cfg.trained_length, query.dtype) if cfg.temperature else None
 
         def to(positions: torch.Tensor) -> torch.Tensor:  # logits x t^2
@@ -55,21 +55,14 @@ class DCAAttention(AttentionIntegration):
         store: GroupedKeyStore = call.layer.extra
         inputs = DCAInputs(
             query=query,
-            key=call.key[:, :, :written],
-            value=call.value[:, :, :written],
-            chunk_key=store.grouped_keys(call.key, written, keep=call.q_start > 0, rotate=rotate),
+            chunk_key=store.grouped_keys(call.key, call.written, keep=call.q_start > 0, rotate=rotate),
             query_intra=to(intra_chunk_query_positions(query_pos, cl)),
             query_succ=to(successive_chunk_query_positions(query_pos, cs, cl)),
             query_inter=to(inter_chunk_query_positions(query_pos, cs)),
-            query_pos=query_pos,
-            key_pos=key_pos[:, :written],
-            key_valid=None if key_valid is None else key_valid[:, :written],
-            q_start=call.q_start,
             chunk_size=cs,
             local_window=cfg.local_window,
             exact_below=cfg.exact_below,
-            scaling=call.scaling,
-            softcap=call.kwargs.get("softcap"),
+            **call.backend_inputs(key_valid, key_pos),
         )
         return select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
 

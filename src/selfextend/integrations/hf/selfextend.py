@@ -57,20 +57,8 @@ class SelfExtendAttention(AttentionIntegration):
         contiguous = ends_contiguous(key_valid, written)
         grouped_key = keeper.grouped_keys(layer_idx, key, key_pos, written, call.q_start, W, G, contiguous,
                                           call.rotate)
-        inputs = SelfExtendInputs(
-            query=query,
-            key=key[:, :, :written],
-            value=call.value[:, :, :written],
-            grouped_query=grouped_query,
-            grouped_key=grouped_key,
-            query_pos=query_pos,
-            key_pos=key_pos[:, :written],
-            key_valid=None if key_valid is None else key_valid[:, :written],
-            q_start=call.q_start,
-            window=W,
-            scaling=call.scaling,
-            softcap=call.kwargs.get("softcap"),
-        )
+        inputs = SelfExtendInputs(query=query, grouped_query=grouped_query, grouped_key=grouped_key, window=W,
+                                  **call.backend_inputs(key_valid, key_pos))
         out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
         keeper.commit(layer_idx, key, grouped_key, key_pos, written, W, G, contiguous, call.rotate)
         return out
