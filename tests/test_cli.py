@@ -32,7 +32,16 @@ def test_ask_streams_and_reports(tmp_path, capsys):
                  "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
     assert "prompt tokens, prefill" in captured.err and "tokens/s" in captured.err
-    assert captured.out.strip()
+    # what was streamed is the model's greedy answer under the same settings, not just some text
+    import selfextend
+    from selfextend.generation import greedy_answer
+
+    model, tokenizer = selfextend.load_model()
+    selfextend.apply(model, group_size=4, window=64)
+    messages = [{"role": "user", "content": f"{doc.read_text()}\n\nWhat is the secret word?"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = greedy_answer(model, tokenizer, prompt, max_new_tokens=12, progress=False).text
+    assert expected.strip() and captured.out == expected + "\n"
 
 
 def test_ask_bad_settings_is_a_clear_error(tmp_path, capsys):

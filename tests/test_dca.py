@@ -304,7 +304,10 @@ def test_defaults_reach_and_qwen_config(caplog):
     params = selfextend.active(qwen).params
     assert (params["chunk_size"], params["local_window"], params["trained_length"], params["temperature"]) == (
         32, 4, 32, True)
-    assert torch.isfinite(logits(qwen, ids())).all()
+    # the model's own config gives exactly what the same settings give when passed explicitly
+    twin = build_model("qwen2")
+    selfextend.apply(twin, method="dca", chunk_size=32, local_window=4, trained_length=32, temperature=True)
+    assert torch.equal(logits(qwen, ids()), logits(twin, ids()))
     selfextend.apply(qwen, method="dca", chunk_size=20, local_window=4)  # explicit settings win
     assert selfextend.active(qwen).params["chunk_size"] == 20
 

@@ -44,9 +44,13 @@ def test_extends_differs_from_vanilla_and_remove_restores(family):
     se = logits(model, x)
     assert (se - vanilla).abs().max() > 1e-3  # it does something past the window
     assert torch.equal(se[:, :W], vanilla[:, :W]) or (se[:, :W] - vanilla[:, :W]).abs().max() < 1e-5
+    original = model.config._attn_implementation
     selfextend.remove(model)
     assert torch.equal(logits(model, x), vanilla)
-    assert not hasattr(model, "selfextend_state")
+    # no state left behind: no active method, the original attention, no per-layer state
+    assert selfextend.active(model) is None and not hasattr(model, "selfextend_method")
+    assert original == "selfextend" and model.config._attn_implementation in ("sdpa", "eager")
+    assert not any(hasattr(m, "selfextend_layer") for m in model.modules())
 
 
 def test_blockwise_equals_reference(family):

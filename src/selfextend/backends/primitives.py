@@ -34,10 +34,6 @@ def _cpu_flash_op():
     return op
 
 
-def has_cpu_flash_op() -> bool:
-    return _cpu_flash_op() is not None
-
-
 def attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,

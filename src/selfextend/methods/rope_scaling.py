@@ -14,8 +14,6 @@ import copy
 import math
 from collections.abc import Callable
 
-import torch
-
 from ..config import rope_scaling_factor
 from ..integrations.hf.model_info import check_model, rotary_embedding
 from . import METHODS
@@ -129,10 +127,3 @@ class YaRN(RopeScaling):
         Param("beta_fast", float, None, "ramp boundary for extrapolation (default 32)"),
         Param("beta_slow", float, None, "ramp boundary for interpolation (default 1)"),
     )
-
-
-def current_inv_freq(model: torch.nn.Module) -> torch.Tensor:
-    """The frequencies the model uses now (for tests and reports)."""
-    return rotary_embedding(model)[1].inv_freq
-
-
