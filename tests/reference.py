@@ -1,4 +1,4 @@
-"""An independent, deliberately plain oracle for SelfExtend attention (Jin et al. 2024, arXiv 2401.01325).
+"""An independent, deliberately plain oracle for SelfExtend (arXiv 2401.01325) and DCA (arXiv 2402.17463).
 
 Why it exists: the library's "reference" backend is the oracle its other backends are tested against, but
 it shares ``positions.py`` (where keys and queries are grouped), ``rope.py`` (how they are rotated) and the
@@ -6,7 +6,7 @@ neighbor/grouped choice with them, so a mistake there is made identically on bot
 test. This module imports nothing from ``selfextend`` and writes each step out from the paper's formulas:
 
 * the integer relative distance of every (query, key) pair, from absolute positions
-  (``selfextend_distance_table``);
+  (``selfextend_distance_table``, ``dca_distance_table``);
 * its own fp64 rotate-half RoPE (``rope``);
 * scores ``rope(q_i, j + d_ij) . rope(k_j, j)``: RoPE is a rotation, so a score depends only on the
   difference of the two rotations, here the pair's SelfExtend distance ``d_ij``; the oracle never computes
@@ -67,14 +67,12 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Te
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
-def selfextend_attention_ref(
+def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    query_pos: torch.Tensor,
     key_pos: torch.Tensor,
-    window: int,
-    group_size: int,
+    distance: torch.Tensor,
     inv_freq: torch.Tensor,
     scaling: float,
     key_valid: torch.Tensor | None = None,
@@ -82,15 +80,15 @@ def selfextend_attention_ref(
     softcap: float | None = None,
     precision: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """SelfExtend attention from un-rotated q, k, v, pair by pair, in fp64.
+    """Attention from un-rotated q, k, v where pair (i, j) is scored at the integer RoPE distance
+    ``distance[b, i, j]``, pair by pair, in fp64.
 
     Args:
         q: (B, H, Tq, D) queries *before* RoPE.
         k: (B, Hkv, Tk, D) keys before RoPE; query head ``h`` reads kv head ``h // (H // Hkv)`` (GQA).
         v: (B, Hkv, Tk, Dv).
-        query_pos: (B, Tq) absolute positions of the queries.
         key_pos: (B, Tk) absolute positions of the keys (any value at padding).
-        window, group_size: W and G (``G = 1``: vanilla attention).
+        distance: (B, Tq, Tk) the method's distance table (``selfextend_distance_table``, ...).
         inv_freq: (rd/2,) RoPE inverse frequencies (partial rotary when ``rd < D``).
         scaling: multiplies ``q . k`` (usually ``D ** -0.5``).
         key_valid: (B, Tk) bool, False at padding keys; a query whose own key index is padding gets zeros.
@@ -111,7 +109,6 @@ def selfextend_attention_ref(
     def rounded(t: torch.Tensor) -> torch.Tensor:
         return t if precision is None else t.to(precision).to(torch.float64)
 
-    distance = selfextend_distance_table(query_pos, key_pos, window, group_size)  # (B, Tq, Tk)
     # Only d_ij matters: k_j is rotated at its own position j (where a model's RoPE puts it, so ``precision``
     # rounds it like a plain attention would) and q_i at j + d_ij, pair by pair.
     k_rot = rounded(rope(k, key_pos, inv_freq)).repeat_interleave(rep, dim=1)  # (B, H, Tk, D)
@@ -138,3 +135,37 @@ def selfextend_attention_ref(
     probs = torch.softmax(scores, dim=-1)
     probs = rounded(torch.where(allowed[:, None], probs, torch.zeros_like(probs)))  # empty rows: NaN -> 0
     return rounded(probs @ v64).to(q.dtype)
+
+
+def selfextend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
+                             key_pos: torch.Tensor, window: int, group_size: int, inv_freq: torch.Tensor,
+                             scaling: float, **kwargs) -> torch.Tensor:
+    """SelfExtend attention (``G = 1``: vanilla); ``kwargs`` as ``attention_ref``."""
+    distance = selfextend_distance_table(query_pos, key_pos, window, group_size)
+    return attention_ref(q, k, v, key_pos, distance, inv_freq, scaling, **kwargs)
+
+
+def dca_distance_table(query_pos: torch.Tensor, key_pos: torch.Tensor, chunk_size: int, local_window: int,
+                       exact_below: int = 0) -> torch.Tensor:
+    """The relative RoPE distance Dual Chunk Attention uses for every (query, key) pair.
+
+    Chunks hold ``cl = chunk_size - local_window`` positions. Queries below ``exact_below`` keep ``i - j``.
+    Otherwise the key sits at ``j % cl`` and the query at ``i % cl`` (key in the query's chunk),
+    ``min(i % cl + cl, chunk_size)`` (key in the previous chunk) or ``chunk_size`` (older keys). Entries with
+    ``j > i`` are -1 ("don't care")."""
+    cl = chunk_size - local_window
+    i = query_pos.long()[..., :, None]
+    j = key_pos.long()[..., None, :]
+    same = j // cl == i // cl
+    previous = j // cl == i // cl - 1
+    query_at = torch.where(same, i % cl, torch.where(previous, (i % cl + cl).clamp(max=chunk_size), chunk_size))
+    distance = torch.where(i < exact_below, i - j, query_at - j % cl)
+    return torch.where(j > i, torch.full_like(distance, -1), distance)
+
+
+def dca_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
+                      key_pos: torch.Tensor, chunk_size: int, local_window: int, exact_below: int,
+                      inv_freq: torch.Tensor, scaling: float, **kwargs) -> torch.Tensor:
+    """Dual Chunk Attention; ``kwargs`` as ``attention_ref``."""
+    distance = dca_distance_table(query_pos, key_pos, chunk_size, local_window, exact_below)
+    return attention_ref(q, k, v, key_pos, distance, inv_freq, scaling, **kwargs)

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from conftest import TRAINED, build_model
+from reference import dca_attention_ref, dca_distance_table
 
 import selfextend
 from selfextend.backends import BACKENDS, DCAInputs
@@ -19,7 +20,7 @@ from selfextend.positions import (
     successive_chunk_query_positions,
     temperature_factor,
 )
-from selfextend.rope import apply_rope, rotate_by
+from selfextend.rope import apply_rope
 
 CS, LW = 24, 6  # chunk_len 18: N = 150 spans chunks 0..8, and every query past L = 64 meets all three parts
 N = 150
@@ -106,31 +107,28 @@ def real_rows(out, inp):
 
 
 def oracle(inp: DCAInputs, q, k, inv_freq):
-    """Softmax over q_i . R(d_ij) k_j with d_ij from ``relative_positions``: RoPE scores depend on distance only."""
-    bsz, heads, q_len, _ = q.shape
-    rep = heads // k.shape[1]
-    kr = k.repeat_interleave(rep, dim=1).double()
-    dist = dca_relative_positions(inp.query_pos, inp.key_pos, inp.chunk_size, inp.local_window, inp.exact_below)
-    out = torch.zeros(bsz, heads, q_len, inp.value.shape[-1], dtype=torch.float64)
-    v = inp.value.repeat_interleave(rep, dim=1).double()
-    for i in range(q_len):
-        qi = q[:, :, i : i + 1].double().expand(-1, -1, k.shape[2], -1)  # (B, H, Tk, D)
-        scores = (rotate_by(qi, dist[:, i], inv_freq.double()) * kr).sum(-1) * inp.scaling  # (B, H, Tk)
-        if inp.softcap is not None:
-            scores = torch.tanh(scores / inp.softcap) * inp.softcap
-        allowed = (torch.arange(k.shape[2]) <= inp.q_start + i).expand(bsz, -1)
-        if inp.key_valid is not None:
-            allowed = allowed & inp.key_valid & inp.key_valid[:, inp.q_start + i, None]
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        out[:, :, i] = (torch.softmax(scores, -1).nan_to_num(0.0)[..., None] * v).sum(-2)
-    return out
+    """``tests/reference.py``'s fp64 DCA from the un-rotated q/k: shares no code with the library."""
+    return dca_attention_ref(q, k, inp.value, inp.query_pos, inp.key_pos, inp.chunk_size, inp.local_window,
+                             inp.exact_below, inv_freq, inp.scaling, key_valid=inp.key_valid, q_start=inp.q_start,
+                             softcap=inp.softcap).double()
 
 
-@pytest.mark.parametrize("gate", [0, 64])
-def test_reference_backend_equals_the_position_table_oracle(gate):
-    inp, q, k, inv_freq = make_inputs(kv_len=100, gate=gate)
-    out = BACKENDS["reference"].forward(inp)
-    assert (out.double() - oracle(inp, q, k, inv_freq)).abs().max() < 1e-4
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(("gate", "q_len", "pads"), [(0, None, None), (64, None, None), (0, 17, None), (0, 1, None),
+                                                     (64, None, (0, 23)), (0, 9, (31, 0))])
+def test_backends_equal_the_oracle(backend, gate, q_len, pads):
+    key_valid = None if pads is None else _left_pad(len(pads), 100, pads)
+    inp, q, k, inv_freq = make_inputs(bsz=1 if pads is None else len(pads), kv_len=100, q_len=q_len, gate=gate,
+                                      key_valid=key_valid)
+    out = BACKENDS[backend].forward(inp).double()
+    assert (real_rows(out, inp) - real_rows(oracle(inp, q, k, inv_freq), inp)).abs().max() < 1e-5
+
+
+def test_oracle_table_is_the_hand_drawn_one():
+    pos = torch.arange(16)
+    table = dca_distance_table(pos, pos, chunk_size=6, local_window=2)
+    expected = [[int(v) for v in row.split()] for row in HAND_TABLE.strip().splitlines()]
+    assert [table[i, : i + 1].tolist() for i in range(16)] == expected
 
 
 def _left_pad(bsz, kv_len, pads):

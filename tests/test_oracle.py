@@ -53,13 +53,9 @@ from reference import selfextend_attention_ref, selfextend_distance_table
 
 import selfextend
 from selfextend.backends import BACKENDS, Backend, SelfExtendInputs
+from selfextend.positions import absolute_key_positions as library_key_positions
 from selfextend.positions import grouped_key_positions, grouped_query_positions
 from selfextend.rope import rotate_by
-
-try:  # renamed from key_positions to absolute_key_positions while src/ was restructured
-    from selfextend.positions import absolute_key_positions as library_key_positions
-except ImportError:
-    from selfextend.positions import key_positions as library_key_positions
 
 # ---------------------------------------------------------------------------------------------------------
 # a. distance tables drawn by hand: rows i = 0..7 (query position), columns j = 0..i (key position)
