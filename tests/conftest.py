@@ -36,6 +36,21 @@ FAMILIES = {
 }
 
 
+# How far two exact formulations of a tiny model's logits may differ: the rounding noise of summing in
+# another order (fp32 logits of size ~1-10 carry ~1e-6 relative noise per layer), keyed like flash-attention's
+# tests by (device, dtype). A position error moves logits by 1e-2 or more (tests check that too).
+LOGIT_TOLERANCE = {
+    ("cpu", torch.float32): 1e-4,
+    ("cuda", torch.float32): 1e-3,  # TF32 matmuls
+    ("cpu", torch.bfloat16): 5e-2,
+    ("cuda", torch.bfloat16): 5e-2,
+}
+
+
+def logit_tolerance(logits: torch.Tensor) -> float:
+    return LOGIT_TOLERANCE[(logits.device.type, logits.dtype)]
+
+
 def build_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     spec = dict(FAMILIES[family])
     model_type = spec.pop("model_type", family)
