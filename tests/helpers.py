@@ -1,12 +1,20 @@
-"""Random SelfExtendInputs for backend tests, built through the same position/rotation code as the model path."""
+"""Random backend inputs (SelfExtend, DCA), built through the same position/rotation code as the model path."""
 
 from __future__ import annotations
 
 import torch
 
-from selfextend.backends import SelfExtendInputs
-from selfextend.positions import absolute_key_positions, grouped_key_positions, grouped_query_positions
-from selfextend.rope import rotate_by
+from selfextend.backends import DCAInputs, SelfExtendInputs
+from selfextend.positions import (
+    absolute_key_positions,
+    chunk_key_positions,
+    grouped_key_positions,
+    grouped_query_positions,
+    inter_chunk_query_positions,
+    intra_chunk_query_positions,
+    successive_chunk_query_positions,
+)
+from selfextend.rope import apply_rope, rotate_by
 
 
 def make_inputs(
@@ -37,3 +45,31 @@ def real_rows(out: torch.Tensor, inp: SelfExtendInputs) -> torch.Tensor:
         return out
     qv = inp.key_valid[:, inp.q_start :]
     return out * qv[:, None, :, None]
+
+
+def make_dca_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, cs=24, lw=6, gate=0, key_valid=None,
+                dtype=torch.float32, softcap=None, seed=0) -> tuple[DCAInputs, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DCAInputs from un-rotated q/k, each version rotated from scratch at its DCA position (``apply_rope``)."""
+    g = torch.Generator().manual_seed(seed)
+    q_len = q_len or kv_len
+    q_start = kv_len - q_len
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    q = (torch.randn(bsz, heads, q_len, dim, generator=g) * 2).to(dtype)
+    k = (torch.randn(bsz, kv_heads, kv_len, dim, generator=g) * 2).to(dtype)
+    v = torch.randn(bsz, kv_heads, kv_len, dim, generator=g).to(dtype)
+    if key_valid is None:
+        qp = (q_start + torch.arange(q_len))[None].expand(bsz, -1)
+    else:
+        qp = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
+    kp, _ = absolute_key_positions(qp, key_valid, q_start, kv_len)
+    cl = cs - lw
+    inp = DCAInputs(
+        query=apply_rope(q, qp, inv_freq), key=apply_rope(k, kp, inv_freq), value=v,
+        chunk_key=apply_rope(k, chunk_key_positions(kp, cl), inv_freq),
+        query_intra=apply_rope(q, intra_chunk_query_positions(qp, cl), inv_freq),
+        query_succ=apply_rope(q, successive_chunk_query_positions(qp, cs, cl), inv_freq),
+        query_inter=apply_rope(q, inter_chunk_query_positions(qp, cs), inv_freq),
+        query_pos=qp, key_pos=kp, key_valid=key_valid, q_start=q_start, chunk_size=cs, local_window=lw,
+        exact_below=gate, scaling=dim**-0.5, softcap=softcap,
+    )
+    return inp, q, k, inv_freq

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
-from helpers import make_inputs, real_rows
+from helpers import make_dca_inputs, make_inputs, real_rows
+from reference import dca_attention_ref
 
-from selfextend.backends import BACKENDS, select_backend
+from selfextend.backends import BACKENDS, DCAInputs, select_backend
 from selfextend.backends.blockwise import BlockwiseBackend
 from selfextend.backends.merge import merge_lse
 from selfextend.backends.primitives import _attention_with_lse_matmul, attention_with_lse
+from selfextend.positions import dca_exact_below
 
 SHAPES = [  # (bsz, heads, kv_heads, kv_len, dim, window, group)
     (2, 4, 2, 100, 16, 8, 2),
@@ -96,3 +98,69 @@ def test_unknown_backend_lists_choices():
     inp = make_inputs()
     with pytest.raises(ValueError, match="Unknown backend 'flash'. Available: auto, cpu, reference"):
         select_backend("flash", inp)
+
+
+# ---- Dual Chunk Attention ------------------------------------------------------------------------------
+
+def dca_oracle(inp: DCAInputs, q, k, inv_freq):
+    """``tests/reference.py``'s fp64 DCA from the un-rotated q/k: shares no code with the library."""
+    return dca_attention_ref(q, k, inp.value, inp.query_pos, inp.key_pos, inp.chunk_size, inp.local_window,
+                             inp.exact_below, inv_freq, inp.scaling, key_valid=inp.key_valid, q_start=inp.q_start,
+                             softcap=inp.softcap).double()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(("gate", "q_len", "pads"), [(0, None, None), (64, None, None), (0, 17, None), (0, 1, None),
+                                                     (64, None, (0, 23)), (0, 9, (31, 0))])
+def test_dca_backends_equal_the_oracle(backend, gate, q_len, pads):
+    key_valid = None if pads is None else _left_pad(len(pads), 100, pads)
+    inp, q, k, inv_freq = make_dca_inputs(bsz=1 if pads is None else len(pads), kv_len=100, q_len=q_len, gate=gate,
+                                      key_valid=key_valid)
+    out = BACKENDS[backend].forward(inp).double()
+    assert (real_rows(out, inp) - real_rows(dca_oracle(inp, q, k, inv_freq), inp)).abs().max() < 1e-5
+
+
+def _left_pad(bsz, kv_len, pads):
+    valid = torch.ones(bsz, kv_len, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        valid[b, :p] = False
+    return valid
+
+
+DCA_SHAPES = [  # kv_len, q_len, cs, lw, gate, bsz, heads, kv_heads, dim, pads
+    (100, None, 24, 6, 0, 1, 4, 2, 16, None),  # prefill, GQA
+    (100, None, 24, 6, 64, 2, 4, 1, 8, None),  # gated at L, MQA, batch
+    (137, None, 37, 5, 0, 1, 3, 3, 12, None),  # chunk_len 32, nothing a multiple of anything
+    (137, 1, 37, 5, 0, 1, 4, 2, 16, None),  # decode
+    (137, 29, 20, 3, 50, 1, 4, 2, 16, None),  # chunked prefill, gate inside the chunk
+    (90, 17, 10, 9, 0, 1, 2, 1, 16, None),  # chunk_len 1 corner
+    (120, None, 30, 8, 0, 3, 4, 2, 16, (0, 13, 47)),  # left padding: chunks follow positions, not indices
+    (120, 7, 30, 8, 40, 2, 4, 2, 16, (0, 29)),  # padded batch continuing a cache
+    (200, None, 64, 16, 0, 1, 2, 2, 32, None),  # several long chunks
+]
+
+
+@pytest.mark.parametrize("shape", DCA_SHAPES)
+def test_dca_blockwise_equals_reference(shape):
+    kv_len, q_len, cs, lw, gate, bsz, heads, kv_heads, dim, pads = shape
+    valid = _left_pad(bsz, kv_len, pads) if pads else None
+    inp, *_ = make_dca_inputs(bsz, heads, kv_heads, kv_len, q_len, dim, cs, lw, gate, valid)
+    ref = real_rows(BACKENDS["reference"].forward(inp), inp)
+    assert (real_rows(BACKENDS["cpu"].forward(inp), inp) - ref).abs().max() < 2e-5
+
+
+def test_dca_blockwise_equals_reference_bf16_and_softcap():
+    inp, *_ = make_dca_inputs(kv_len=120, dtype=torch.bfloat16)
+    ref = BACKENDS["reference"].forward(inp).float()
+    assert (BACKENDS["cpu"].forward(inp).float() - ref).abs().max() < 3e-2
+    inp, *_ = make_dca_inputs(kv_len=120, softcap=5.0, gate=30)
+    assert (BACKENDS["cpu"].forward(inp) - BACKENDS["reference"].forward(inp)).abs().max() < 2e-5
+
+
+def test_within_one_chunk_dca_math_equals_vanilla_attention():
+    # no gate: every row goes through the DCA parts, yet up to min(cs + 1, 2 cl) tokens all distances are exact
+    inp, *_ = make_dca_inputs(kv_len=dca_exact_below(24, 6, 64, False), gate=0)
+    vanilla = torch.nn.functional.scaled_dot_product_attention(
+        inp.query, inp.key, inp.value, is_causal=True, enable_gqa=True)
+    for backend in ("reference", "cpu"):
+        assert (BACKENDS[backend].forward(inp) - vanilla).abs().max() < 1e-5

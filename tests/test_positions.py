@@ -1,13 +1,21 @@
 import pytest
 import torch
+from reference import dca_distance_table
 
 from selfextend.positions import (
     absolute_key_positions,
+    chunk_key_positions,
+    dca_exact_below,
+    dca_relative_positions,
     grouped_key_positions,
     grouped_query_positions,
+    inter_chunk_query_positions,
+    intra_chunk_query_positions,
     max_reach,
     recommended_group_size,
     smallest_group_size,
+    successive_chunk_query_positions,
+    temperature_factor,
 )
 
 
@@ -64,3 +72,61 @@ def test_key_positions_left_padding_like_generate():
 def test_key_positions_rejects_packed_sequences():
     with pytest.raises(ValueError, match="position_ids must count the non-padding tokens"):
         absolute_key_positions(torch.tensor([[0, 1, 2, 0, 1, 2]]), None, q_start=0, kv_len=6)
+
+
+# ---- Dual Chunk Attention ------------------------------------------------------------------------------
+
+# chunk_size 6, local_window 2 (chunk_len 4), 16 tokens, worked out by hand from the maps:
+# keys at j mod 4; queries at i mod 4 (own chunk), min(i mod 4 + 4, 6) (previous chunk), 6 (older chunks)
+HAND_TABLE = """
+0
+1 0
+2 1 0
+3 2 1 0
+4 3 2 1 0
+5 4 3 2 1 0
+6 5 4 3 2 1 0
+6 5 4 3 3 2 1 0
+6 5 4 3 4 3 2 1 0
+6 5 4 3 5 4 3 2 1 0
+6 5 4 3 6 5 4 3 2 1 0
+6 5 4 3 6 5 4 3 3 2 1 0
+6 5 4 3 6 5 4 3 4 3 2 1 0
+6 5 4 3 6 5 4 3 5 4 3 2 1 0
+6 5 4 3 6 5 4 3 6 5 4 3 2 1 0
+6 5 4 3 6 5 4 3 6 5 4 3 3 2 1 0
+"""
+
+
+def test_position_maps_match_the_hand_computed_table():
+    pos = torch.arange(16)
+    table = dca_relative_positions(pos, pos, chunk_size=6, local_window=2)
+    for i, line in enumerate(HAND_TABLE.strip().splitlines()):
+        assert table[i, : i + 1].tolist() == [int(t) for t in line.split()], f"row {i}"
+    assert chunk_key_positions(pos, 4).tolist() == [0, 1, 2, 3] * 4
+    assert intra_chunk_query_positions(pos, 4).tolist() == [0, 1, 2, 3] * 4
+    assert successive_chunk_query_positions(pos, 6, 4).tolist() == [4, 5, 6, 6] * 4
+    assert inter_chunk_query_positions(pos, 6).tolist() == [6] * 16
+    # no distance exceeds chunk_size at any length
+    long = torch.arange(2000)
+    assert int(dca_relative_positions(long, long, 6, 2).tril().max()) == 6
+    # the gate: rows below it keep i - j; without it, rows up to min(cs + 1, 2 cl) are exact anyway
+    gated = dca_relative_positions(pos, pos, 6, 2, exact_below=10)
+    assert torch.equal(gated[:10], (pos[:10, None] - pos[None, :]))
+    assert torch.equal(gated[10:], table[10:])
+    assert dca_exact_below(6, 2, 64, False) == 7 and torch.equal(table[:7].tril(), (pos[:7, None] - pos).tril())
+    assert dca_exact_below(6, 2, 64, True) == 64
+
+
+def test_temperature_is_yarn_past_the_trained_length_only():
+    f = temperature_factor(torch.tensor([0, 63, 64, 127, 1023]), 64)
+    assert f[:2].tolist() == [1.0, 1.0]
+    expected = 0.1 * torch.log(torch.tensor([65 / 64, 2.0, 16.0])) + 1
+    assert torch.allclose(f[2:], expected)
+
+
+def test_oracle_table_is_the_hand_drawn_one():
+    pos = torch.arange(16)
+    table = dca_distance_table(pos, pos, chunk_size=6, local_window=2)
+    expected = [[int(v) for v in row.split()] for row in HAND_TABLE.strip().splitlines()]
+    assert [table[i, : i + 1].tolist() for i in range(16)] == expected
