@@ -96,7 +96,8 @@ def naive_bytes(heads: int, q_len: int, kv_len: int, elem: int) -> int:
     return heads * q_len * kv_len * (3 * elem + 4 + elem) + q_len * kv_len * 9
 
 
-def build_inputs(shape: str, length: int, mode: str, device: str, dtype: torch.dtype, window: int, group: int):
+def build_inputs(shape: str, length: int, mode: str, device: str, dtype: torch.dtype, window: int,
+                 group: int):
     from selfextend.backends import SelfExtendInputs
     from selfextend.positions import grouped_key_positions, grouped_query_positions
     from selfextend.rope import rotate_by
@@ -114,14 +115,16 @@ def build_inputs(shape: str, length: int, mode: str, device: str, dtype: torch.d
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
     qg = rotate_by(q, grouped_query_positions(qpos, group, window) - qpos, inv_freq)
     kg = rotate_by(k, grouped_key_positions(kpos, group) - kpos, inv_freq)
-    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=qpos, key_pos=kpos,
-                            key_valid=None, q_start=length - q_len, window=window, scaling=dim**-0.5)
+    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=qpos,
+                            key_pos=kpos, key_valid=None, q_start=length - q_len, window=window,
+                            scaling=dim**-0.5)
 
 
 def make_call(method: str, inp):
     if method == "sdpa":
         causal = inp.q_len > 1
-        return lambda: F.scaled_dot_product_attention(inp.query, inp.key, inp.value, is_causal=causal, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(inp.query, inp.key, inp.value, is_causal=causal,
+                                                      enable_gqa=True)
     if method == "naive":
         return lambda: naive_attention(inp.query, inp.key, inp.value, inp.grouped_query, inp.grouped_key,
                                        inp.query_pos, inp.key_pos, inp.window, inp.scaling)
@@ -149,10 +152,12 @@ def measure(spec: dict) -> dict:
         if need > spec["naive_cap_gib"]:
             return {**row, "status": f"skipped: needs ~{need:.1f} GiB > cap {spec['naive_cap_gib']} GiB"}
     try:
-        small = build_inputs(spec["shape"], min(512, spec["length"]), spec["mode"], device, dtype, spec["window"], spec["group"])
+        small = build_inputs(spec["shape"], min(512, spec["length"]), spec["mode"], device, dtype,
+                             spec["window"], spec["group"])
         make_call(method, small)()  # warm-up: threads, kernels, compilation (shape-specific compiles below)
         del small
-        inp = build_inputs(spec["shape"], spec["length"], spec["mode"], device, dtype, spec["window"], spec["group"])
+        inp = build_inputs(spec["shape"], spec["length"], spec["mode"], device, dtype, spec["window"],
+                           spec["group"])
         call = make_call(method, inp)
         if device == "cuda":
             call()  # compile for this shape outside the timing
@@ -179,7 +184,8 @@ def measure(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ runner
 def _child(spec: dict) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                         text=True)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["?"])[-1]
         status = "killed (out of memory?)" if res.returncode in (-9, 137) else f"failed: {tail[:200]}"
@@ -194,7 +200,8 @@ def _fmt(row: dict) -> str:
     def ratio(key: str) -> str:
         return "-" if row.get(key) is None else f"{row[key]:.2f}x"
 
-    return (f"{head} {row['time_s'] * 1e3:>11.2f} ms  peak {row['peak_mib']:>9.1f} MiB  extra {row['extra_mib']:>9.1f} MiB"
+    return (f"{head} {row['time_s'] * 1e3:>11.2f} ms  peak {row['peak_mib']:>9.1f} MiB"
+            f"  extra {row['extra_mib']:>9.1f} MiB"
             f"  time/sdpa {ratio('time_vs_sdpa'):>7}  extra/sdpa {ratio('extra_vs_sdpa'):>7}")
 
 
@@ -221,8 +228,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
     shapes = QUICK["shapes"] if args.quick else args.shapes.split(",")
-    lengths = QUICK["lengths"] if args.quick else [int(x) for x in (args.lengths.split(",") if args.lengths else LENGTHS[args.device])]
-    methods = args.methods.split(",") if args.methods else (QUICK["methods"] if args.quick else METHODS[args.device])
+    lengths = (QUICK["lengths"] if args.quick
+               else [int(x) for x in (args.lengths.split(",") if args.lengths else LENGTHS[args.device])])
+    methods = (args.methods.split(",") if args.methods
+               else (QUICK["methods"] if args.quick else METHODS[args.device]))
     methods = ["sdpa", *[m for m in methods if m != "sdpa"]]  # the ratios need SDPA from this run
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     cap = args.naive_cap_gib
@@ -233,22 +242,25 @@ def main() -> None:
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "threads": args.threads}
-    print(f"# run {run_id} {env} dtype={dtype} W={args.window} G={args.group} naive cap {cap:.1f} GiB -> {out}")
+    print(f"# run {run_id} {env} dtype={dtype} W={args.window} G={args.group} naive cap {cap:.1f} GiB"
+          f" -> {out}")
     for shape in shapes:
         for length in lengths:
             for mode in args.modes.split(","):
                 sdpa = None
                 for method in methods:
-                    repeats = args.repeats or (3 if mode == "decode" or length <= 8192 or args.device == "cuda" else 1)
-                    spec = dict(device=args.device, shape=shape, length=length, mode=mode, method=method, dtype=dtype,
-                                window=args.window, group=args.group, threads=args.threads, repeats=repeats,
-                                naive_cap_gib=cap)
+                    repeats = args.repeats or (3 if mode == "decode" or length <= 8192
+                                               or args.device == "cuda" else 1)
+                    spec = dict(device=args.device, shape=shape, length=length, mode=mode, method=method,
+                                dtype=dtype, window=args.window, group=args.group, threads=args.threads,
+                                repeats=repeats, naive_cap_gib=cap)
                     row = measure(spec) if args.quick else _child(spec)
                     if method == "sdpa" and row.get("status") == "ok":
                         sdpa = row
                     if row.get("status") == "ok" and sdpa is not None:
                         row["time_vs_sdpa"] = row["time_s"] / sdpa["time_s"]
-                        row["extra_vs_sdpa"] = row["extra_mib"] / sdpa["extra_mib"] if sdpa["extra_mib"] > 1 else None
+                        row["extra_vs_sdpa"] = (row["extra_mib"] / sdpa["extra_mib"]
+                                                if sdpa["extra_mib"] > 1 else None)
                     row.update(run=run_id, quick=args.quick, env=env)
                     with out.open("a") as f:
                         f.write(json.dumps(row) + "\n")

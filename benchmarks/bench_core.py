@@ -1,4 +1,5 @@
-"""SelfExtend core benchmark on the embedded model: quality against vanilla (speed and memory: bench_model.py).
+"""SelfExtend core benchmark on the embedded model: quality against vanilla
+(speed and memory: bench_model.py).
 
     python benchmarks/bench_core.py --threads 2                     # both parts, 16384 tokens
     python benchmarks/bench_core.py --parts ppl --length 4096       # a quick look
@@ -73,8 +74,9 @@ def passkey_rows(model, tok, method: str, length: int, depth: float) -> dict:
 
     sample = make_passkey(tok, length, depth, seed=0)
     ans = greedy_answer(model, tok, sample.prompt, max_new_tokens=8, progress=False)
-    return dict(part="passkey", method=method, length=sample.n_tokens, depth=depth, passkey=sample.expected[0],
-                answer=ans.text, correct=score_passkey(ans.text, sample.expected[0]), prefill_s=ans.prefill_seconds)
+    return dict(part="passkey", method=method, length=sample.n_tokens, depth=depth,
+                passkey=sample.expected[0], answer=ans.text,
+                correct=score_passkey(ans.text, sample.expected[0]), prefill_s=ans.prefill_seconds)
 
 
 def _append(out: Path, rows) -> None:
@@ -85,7 +87,8 @@ def _append(out: Path, rows) -> None:
 
 def report(rows: list[dict], length: int) -> None:
     print(f"\n# SelfExtend core benchmark (G=4, W=1024), {length} tokens, embedded SmolLM2-135M-Instruct")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
     ppl = [r for r in rows if r["part"] == "ppl" and r["length"] >= length * 0.99]
     if ppl:
         print("\n| tokens (single-pass, pydoc_data.topics) | " + " | ".join(METHODS) + " |\n|---|---|---|")
@@ -97,18 +100,21 @@ def report(rows: list[dict], length: int) -> None:
         if se:
             first = [r["ppl"] for r in se if r["bucket_end"] <= 8192]
             mean_first = sum(first) / max(1, len(first))
-            print(f"\nselfextend last bucket / mean of the first 8192 tokens: {se[-1]['ppl']:.2f} / {mean_first:.2f} "
+            print(f"\nselfextend last bucket / mean of the first 8192 tokens: "
+                  f"{se[-1]['ppl']:.2f} / {mean_first:.2f} "
                   f"= {se[-1]['ppl'] / mean_first:.2f}x (target <= 1.5x)")
     pk = [r for r in rows if r["part"] == "passkey"]
     if pk:
         depths = sorted({r["depth"] for r in pk})
-        print("\n| passkey (Landmark) | " + " | ".join(f"depth {d}" for d in depths) + " | total |\n|---|" + "---|" * (len(depths) + 1))
+        print("\n| passkey (Landmark) | " + " | ".join(f"depth {d}" for d in depths) + " | total |\n|---|"
+              + "---|" * (len(depths) + 1))
         for m in METHODS:
             cells = {r["depth"]: r for r in pk if r["method"] == m}
             if cells:
                 n = next(iter(cells.values()))["length"]
                 print(f"| {m} ({n} tok) | " + " | ".join(
-                    ("right" if cells[d]["correct"] else f"wrong ({cells[d]['answer'].strip()[:14]!r})") if d in cells else "-"
+                    ("right" if cells[d]["correct"] else f"wrong ({cells[d]['answer'].strip()[:14]!r})")
+                    if d in cells else "-"
                     for d in depths) + f" | {int(sum(c['correct'] for c in cells.values()))}/{len(cells)} |")
 
 
@@ -123,7 +129,8 @@ def main() -> None:
     done = read_jsonl(args.out)
 
     def have(**kw) -> bool:
-        return any(all(r.get(k) == v for k, v in kw.items()) and r.get("length", 0) >= args.length * 0.98 for r in done)
+        return any(all(r.get(k) == v for k, v in kw.items()) and r.get("length", 0) >= args.length * 0.98
+                   for r in done)
 
     parts = args.parts.split(",")
     for method in METHODS:
@@ -135,14 +142,16 @@ def main() -> None:
     if "passkey" in parts:
         pk_len = args.length - 700  # about 15.7k tokens at the default length
         for method in METHODS:
-            todo = [d for d in DEPTHS if not any(r["part"] == "passkey" and r["method"] == method and r["depth"] == d
-                                                 and r["length"] >= pk_len * 0.98 for r in done)]
+            todo = [d for d in DEPTHS if not any(r["part"] == "passkey" and r["method"] == method
+                                                 and r["depth"] == d and r["length"] >= pk_len * 0.98
+                                                 for r in done)]
             model, tok = _load(method, args.threads) if todo else (None, None)
             for depth in todo:
                 row = passkey_rows(model, tok, method, pk_len, depth)
                 _append(args.out, row)
                 done.append(row)
-                print(f"passkey {method} depth {depth}: {row['answer']!r} correct={row['correct']}", file=sys.stderr)
+                print(f"passkey {method} depth {depth}: {row['answer']!r} correct={row['correct']}",
+                      file=sys.stderr)
     report(done, args.length)
 
 

@@ -88,8 +88,9 @@ def measure(method: str, length: int, dtype: str, threads: int, new_tokens: int)
         out = model(token, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
         cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     decode = time.perf_counter() - t1
-    return dict(method=method, params={k: v for k, v in params.items() if not isinstance(v, bool)}, length=length,
-                dtype=dtype, threads=threads, new_tokens=new_tokens, prefill_s=prefill, decode_tok_s=new_tokens / decode,
+    return dict(method=method, params={k: v for k, v in params.items() if not isinstance(v, bool)},
+                length=length, dtype=dtype, threads=threads, new_tokens=new_tokens, prefill_s=prefill,
+                decode_tok_s=new_tokens / decode,
                 peak_rss_mib=_status("VmHWM"), peak_prefill_rss_mib=peak_prefill, rss_before_mib=base,
                 torch=torch.__version__, transformers=_transformers_version(),
                 malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
@@ -117,8 +118,10 @@ def _ratio(runs: dict[int, dict], vanilla: dict[int, dict] | None, field: str) -
 
 
 def report(rows: list[dict]) -> str:
-    lines = [f"# Model level: embedded SmolLM2-135M-Instruct, {platform.machine()}, torch {torch.__version__}",
-             "", "| length | dtype | method | prefill s | ratio | peak RSS MiB | ratio | decode tok/s | ratio |",
+    lines = [f"# Model level: embedded SmolLM2-135M-Instruct, {platform.machine()}, "
+             f"torch {torch.__version__}",
+             "",
+             "| length | dtype | method | prefill s | ratio | peak RSS MiB | ratio | decode tok/s | ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     cells = sorted({(r["length"], r["dtype"], r["threads"], r["new_tokens"]) for r in rows})
     for length, dtype, threads, new in cells:
@@ -132,10 +135,13 @@ def report(rows: list[dict]) -> str:
                 continue
             runs = by[m]
             pre, mem, dec = (_ratio(runs, v, f) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s"))
-            med = {f: statistics.median([r[f] for r in runs.values()]) for f in ("prefill_s", "peak_rss_mib", "decode_tok_s")}
-            lines.append(f"| {length} | {dtype} | {m} | {med['prefill_s']:.1f} | {pre} | {med['peak_rss_mib']:.0f} | {mem} | "
+            med = {f: statistics.median([r[f] for r in runs.values()])
+                   for f in ("prefill_s", "peak_rss_mib", "decode_tok_s")}
+            lines.append(f"| {length} | {dtype} | {m} | {med['prefill_s']:.1f} | {pre} | "
+                         f"{med['peak_rss_mib']:.0f} | {mem} | "
                          f"{med['decode_tok_s']:.2f} | {dec} |")
-    lines.append(f"\nTargets for self-extend: prefill <= {TARGETS['prefill']}x, peak RSS <= {TARGETS['memory']}x, "
+    lines.append(f"\nTargets for self-extend: prefill <= {TARGETS['prefill']}x, "
+                 f"peak RSS <= {TARGETS['memory']}x, "
                  f"decode >= {TARGETS['decode']}x (ratios to vanilla in the same run).")
     return "\n".join(lines)
 
@@ -147,7 +153,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="rounds of every method per cell; the report gives medians")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every method per cell; the report gives medians")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model.jsonl")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,8 +171,8 @@ def main() -> None:
     cells = [(n, d, rep, m) for n in lengths for d in args.dtypes.split(",") for rep in range(args.repeats)
              for m in args.methods.split(",")]
     for length, dtype, rep, method in cells:
-        if _key(dict(method=method, length=length, dtype=dtype, threads=args.threads, new_tokens=args.new_tokens,
-                     repeat=rep)) in done:
+        if _key(dict(method=method, length=length, dtype=dtype, threads=args.threads,
+                     new_tokens=args.new_tokens, repeat=rep)) in done:
             continue
         cmd = [sys.executable, __file__, "--child", method, "--lengths", str(length), "--dtypes", dtype,
                "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
@@ -176,7 +183,8 @@ def main() -> None:
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        print(f"{method} {length} {dtype} round {rep}: prefill {row['prefill_s']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB, "
+        print(f"{method} {length} {dtype} round {rep}: prefill {row['prefill_s']:.1f} s, "
+              f"peak {row['peak_rss_mib']:.0f} MiB, "
               f"decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
     print(report(rows))
 

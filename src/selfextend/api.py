@@ -27,12 +27,13 @@ def apply(
 
     ``method="self-extend"`` (default) takes ``group_size`` (G) and ``window`` (W); keys closer than W keep
     exact RoPE distances, farther keys see positions divided by G. Other methods take their own keyword
-    parameters (``selfextend methods`` lists them). ``target_length`` derives any parameter left out, or checks
-    that the given ones reach it. Calling ``apply`` again replaces the active method; ``remove`` restores the
-    model exactly.
+    parameters (``selfextend methods`` lists them). ``target_length`` derives any parameter left out, or
+    checks that the given ones reach it. Calling ``apply`` again replaces the active method; ``remove``
+    restores the model exactly.
 
-    SelfExtend keywords: ``trained_length`` (override L), ``backend`` (``"auto"``, ``"cpu"``, ``"reference"``, ``"flex"``, ``"triton"``),
-    ``allow_overflow`` (past the reach ``(L - W) * G + W`` warn instead of raising).
+    SelfExtend keywords: ``trained_length`` (override L), ``backend`` (``"auto"``, ``"cpu"``,
+    ``"reference"``, ``"flex"``, ``"triton"``), ``allow_overflow`` (past the reach ``(L - W) * G + W`` warn
+    instead of raising).
     """
     impl = METHODS.get(method)
     if group_size is not None or window is not None:

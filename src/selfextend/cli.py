@@ -31,7 +31,8 @@ def cmd_info(args) -> int:
     print(f"model_type:        {cfg.model_type}")
     print(f"trained length L:  {L}")
     print(f"rope_parameters:   {cfg.rope_parameters}")
-    print(f"heads / kv heads:  {cfg.num_attention_heads} / {cfg.num_key_value_heads}, head_dim {getattr(cfg, 'head_dim', None)}")
+    print(f"heads / kv heads:  {cfg.num_attention_heads} / {cfg.num_key_value_heads}, "
+          f"head_dim {getattr(cfg, 'head_dim', None)}")
     print("\nreach (L - W) * G + W:")
     windows = [w for w in (512, 1024, 2048) if w < L]
     print("  G \\ W " + "".join(f"{w:>9}" for w in windows))
@@ -51,8 +52,8 @@ def _apply_from_args(model, args) -> None:
     if args.no_extend:
         return
     if args.group_size or args.window:
-        selfextend.apply(model, group_size=args.group_size, window=args.window, target_length=args.target_length,
-                         backend=args.backend)
+        selfextend.apply(model, group_size=args.group_size, window=args.window,
+                         target_length=args.target_length, backend=args.backend)
     else:
         selfextend.apply(model, target_length=args.target_length, backend=args.backend)
 
@@ -66,12 +67,14 @@ def cmd_ask(args) -> int:
     prompt = f"{document}\n\n{args.question}\n"
     if tokenizer.chat_template and not args.raw:
         prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{document}\n\n{args.question}"}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": f"{document}\n\n{args.question}"}], tokenize=False,
+            add_generation_prompt=True
         )
     n_tokens = len(tokenizer(prompt).input_ids)
     if args.target_length is None and not args.no_extend:
         args.target_length = max(n_tokens + args.max_new_tokens, 1)
-    if not args.no_extend and not (args.group_size or args.window) and args.target_length <= model.config.max_position_embeddings:
+    if (not args.no_extend and not (args.group_size or args.window)
+            and args.target_length <= model.config.max_position_embeddings):
         print(f"{n_tokens} prompt tokens fit the trained context: running vanilla attention", file=sys.stderr)
         args.no_extend = True
     _apply_from_args(model, args)
@@ -94,7 +97,8 @@ def cmd_demo(args) -> int:
     model, tokenizer = _load(args)
     sample = make_passkey(tokenizer, args.length, args.depth, seed=args.seed)
     L = model.config.max_position_embeddings
-    print(f"passkey haystack: {sample.n_tokens} tokens (trained context {L}), key {sample.expected[0]} at depth {sample.depth}")
+    print(f"passkey haystack: {sample.n_tokens} tokens (trained context {L}), "
+          f"key {sample.expected[0]} at depth {sample.depth}")
     rows = []
     for label in ("vanilla", f"SelfExtend G={DEMO_GROUP} W={DEMO_WINDOW}"):
         if label == "vanilla":
@@ -121,7 +125,8 @@ def cmd_methods(args) -> int:
         for p in method.params:
             default = "derived" if p.default is None else repr(p.default)
             print(f"    {p.name:<18} {p.type.__name__:<6} default {default:<8} {p.help}")
-    print("\nselect with --methods NAME or NAME:key=value:key=value, e.g. self-extend:G=4:W=1024, yarn:factor=4")
+    print("\nselect with --methods NAME or NAME:key=value:key=value, "
+          "e.g. self-extend:G=4:W=1024, yarn:factor=4")
     return 0
 
 
@@ -138,8 +143,8 @@ def cmd_eval(args) -> int:
         task_args = {"corpus": args.corpus, "mode": args.mode, "bucket": args.bucket}
         if args.mode == "sliding":
             task_args.update(window=args.window, stride=args.stride)
-    config = EvalConfig(args.task, methods, lengths, parse_depths(args.depths), args.samples, args.seed, task_args,
-                        args.model or "embedded:SmolLM2-135M-Instruct", args.dtype)
+    config = EvalConfig(args.task, methods, lengths, parse_depths(args.depths), args.samples, args.seed,
+                        task_args, args.model or "embedded:SmolLM2-135M-Instruct", args.dtype)
     model, tokenizer = _load(args)
     run_eval(model, tokenizer, config, args.out)
     result = write_results(args.out, args.task, config={
@@ -175,11 +180,13 @@ def cmd_tune(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .backends import available_backends
 
-    parser = argparse.ArgumentParser(prog="selfextend", description="Training-free context extension (SelfExtend).")
+    parser = argparse.ArgumentParser(prog="selfextend",
+                                     description="Training-free context extension (SelfExtend).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--model", default=None, help="model dir, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--model", default=None,
+                       help="model dir, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -211,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the context-extension methods and their parameters")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("eval", help="run a task over methods x lengths x depths; resumable JSONL, tables, plots")
+    p = sub.add_parser("eval",
+                       help="run a task over methods x lengths x depths; resumable JSONL, tables, plots")
     common(p)
     p.add_argument("task", help="passkey, niah, niah_single, ..., ppl (see selfextend.eval.tasks.TASKS)")
     p.add_argument("--methods", default="vanilla,self-extend", help="comma list; NAME or NAME:key=value:...")
@@ -230,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="re-render tables and plots from a results directory")
     p.add_argument("dir")
-    p.add_argument("--task", action="append", default=None, help="only these tasks (default: every samples file)")
+    p.add_argument("--task", action="append", default=None,
+                   help="only these tasks (default: every samples file)")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
 
@@ -243,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the sweep rows (JSONL) and the ranked table here; "
                    "re-running with the same --out resumes")
     p.add_argument("--max-candidates", type=int, default=None,
-                   help="try at most this many (G, W), nearest the authors' rule first (default: until the budget)")
-    p.add_argument("--no-save", action="store_true", help="do not save the winner for apply(target_length=...)")
+                   help="try at most this many (G, W), nearest the authors' rule first "
+                        "(default: until the budget)")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not save the winner for apply(target_length=...)")
     p.set_defaults(func=cmd_tune)
     return parser
 

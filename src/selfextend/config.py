@@ -34,24 +34,27 @@ logger = logging.getLogger("selfextend")
 
 
 def trained_length_of(model_config) -> int:
-    """The context the model was trained on: ``max_position_embeddings`` (already includes llama3/yarn scaling)."""
+    """The context the model was trained on: ``max_position_embeddings`` (already includes llama3/yarn
+    scaling)."""
     length = getattr(model_config, "max_position_embeddings", None)
     if not isinstance(length, int) or length <= 1:
         raise ValueError(
-            "the model config has no usable max_position_embeddings; pass trained_length=<the context the model "
-            "was trained on>."
+            "the model config has no usable max_position_embeddings; pass trained_length=<the context the "
+            "model was trained on>."
         )
     return length
 
 
 def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
                  fix: str = "") -> Any:
-    """``value`` if it is a number (an int when ``integer``) at least ``minimum``, else an error naming ``name``."""
+    """``value`` if it is a number (an int when ``integer``) at least ``minimum``, else an error naming
+    ``name``."""
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
     if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}{'; ' + fix if fix else ''}")
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, "
+                         f"got {value}{'; ' + fix if fix else ''}")
     return value
 
 
@@ -70,7 +73,8 @@ class SelfExtendConfig:
     window: int  # W: keys closer than W keep their exact RoPE distance
     trained_length: int  # L: the context the model was trained on
     backend: str = "auto"
-    allow_overflow: bool = False  # past the reach: warn (positions leave the trained range) instead of raising
+    # past the reach: warn (positions leave the trained range) instead of raising
+    allow_overflow: bool = False
     temperature: bool = False  # logits x (0.1 ln s + 1)^2 for queries past L, s = (pos + 1) / L
 
     @property
@@ -80,16 +84,19 @@ class SelfExtendConfig:
     def describe(self) -> str:
         return (
             f"group_size={self.group_size}, window={self.window}, trained_length={self.trained_length}, "
-            f"reach={self.max_length} tokens, backend={self.backend}" + (", temperature" if self.temperature else "")
+            f"reach={self.max_length} tokens, backend={self.backend}"
+            + (", temperature" if self.temperature else "")
         )
 
 
-def selfextend_config(model_config, params: Mapping[str, Any], target_length: int | None = None) -> SelfExtendConfig:
+def selfextend_config(model_config, params: Mapping[str, Any],
+                      target_length: int | None = None) -> SelfExtendConfig:
     """Validate explicit settings, or derive them from ``target_length`` with the authors' rule.
 
     Reads ``group_size``, ``window``, ``trained_length`` (default: the model's), ``backend`` (``"auto"``),
     ``allow_overflow`` (False) and ``temperature`` (False) from ``params``."""
-    group_size, window, trained_length = params.get("group_size"), params.get("window"), params.get("trained_length")
+    group_size, window, trained_length = (params.get("group_size"), params.get("window"),
+                                          params.get("trained_length"))
     backend, allow_overflow = params.get("backend", "auto"), params.get("allow_overflow", False)
     temperature = params.get("temperature", False)
     L = trained_length if trained_length is not None else trained_length_of(model_config)
@@ -116,8 +123,8 @@ def selfextend_config(model_config, params: Mapping[str, Any], target_length: in
     if group_size is None:
         group_size = recommended_group_size(target_length, L, window)
         logger.warning(
-            "selfextend: target_length=%d -> group_size=%d, window=%d (smallest G with W + (N - W) / G <= 2/3 L, "
-            "L=%d; reach %d tokens)",
+            "selfextend: target_length=%d -> group_size=%d, window=%d "
+            "(smallest G with W + (N - W) / G <= 2/3 L, L=%d; reach %d tokens)",
             target_length, group_size, window, L, max_reach(L, window, group_size),
         )
     elif isinstance(group_size, int) and not isinstance(group_size, bool) and group_size < 1:
@@ -158,7 +165,8 @@ class DCAConfig:
 
     @property
     def exact_below(self) -> int:
-        return dca_exact_below(self.chunk_size, self.local_window, self.trained_length, self.vanilla_within_trained)
+        return dca_exact_below(self.chunk_size, self.local_window, self.trained_length,
+                               self.vanilla_within_trained)
 
     @property
     def reach(self) -> int:
@@ -192,7 +200,8 @@ def dca_config(model_config, params: Mapping[str, Any], target_length: int | Non
     config), ``vanilla_within_trained`` (True) and ``backend`` (``"auto"``) from ``params``."""
     chunk_size, local_window = params.get("chunk_size"), params.get("local_window")
     trained_length, temperature = params.get("trained_length"), params.get("temperature")
-    vanilla_within_trained, backend = params.get("vanilla_within_trained", True), params.get("backend", "auto")
+    vanilla_within_trained, backend = (params.get("vanilla_within_trained", True),
+                                       params.get("backend", "auto"))
     qwen = qwen_dca_config(model_config)
     from_qwen = qwen is not None and chunk_size is None and local_window is None
     if qwen is not None and trained_length is None and "original_max_position_embeddings" in qwen:
@@ -203,17 +212,19 @@ def dca_config(model_config, params: Mapping[str, Any], target_length: int | Non
     cs, w = (qwen["chunk_size"], qwen["local_size"]) if from_qwen else (chunk_size, local_window)
     cs = default_chunk_size(L) if cs is None else cs
     w = default_local_window(L) if w is None else w
-    check_number("chunk_size", cs, minimum=2, integer=True, fix=f"the default is 3L/4 = {default_chunk_size(L)}")
+    check_number("chunk_size", cs, minimum=2, integer=True,
+                 fix=f"the default is 3L/4 = {default_chunk_size(L)}")
     # every DCA distance is at most chunk_size; Qwen's own configs use chunk_size == L (one past the
     # trained range), which we accept as shipped, but not as an explicit setting
     limit = L if from_qwen else L - 1
     if cs > limit:
         raise ValueError(
-            f"chunk_size={cs} must be smaller than the trained length L={L}: DCA's distances reach chunk_size, "
-            f"which must stay inside the trained range; use chunk_size <= {L - 1}, e.g. 3L/4 = "
-            f"{default_chunk_size(L)}."
+            f"chunk_size={cs} must be smaller than the trained length L={L}: DCA's distances reach "
+            f"chunk_size, which must stay inside the trained range; use chunk_size <= {L - 1}, "
+            f"e.g. 3L/4 = {default_chunk_size(L)}."
         )
-    check_number("local_window", w, minimum=1, integer=True, fix=f"the default is L/16 = {default_local_window(L)}")
+    check_number("local_window", w, minimum=1, integer=True,
+                 fix=f"the default is L/16 = {default_local_window(L)}")
     if w >= cs:
         raise ValueError(
             f"local_window={w} must be smaller than chunk_size={cs} (chunk_len = chunk_size - local_window "
@@ -226,8 +237,8 @@ def dca_config(model_config, params: Mapping[str, Any], target_length: int | Non
     if target_length is not None:
         check_number("target_length", target_length, minimum=1, integer=True)
         if target_length <= L and vanilla_within_trained:
-            logger.info("selfextend: DCA target_length=%d fits the trained length %d: the model stays vanilla.",
-                        target_length, L)
+            logger.info("selfextend: DCA target_length=%d fits the trained length %d: "
+                        "the model stays vanilla.", target_length, L)
         if target_length > cfg.reach:
             logger.warning(
                 "selfextend: DCA target_length=%d is past %d = %dx the trained length, the longest published "
@@ -244,10 +255,12 @@ def dca_config(model_config, params: Mapping[str, Any], target_length: int | Non
 
 def rope_scaling_factor(method: str, factor: float | None, target_length: int | None, trained_length: int,
                         bounded: bool) -> float:
-    """The scale ``s``: given, or ``target_length / L`` (never below 1); checked to reach ``target_length``."""
+    """The scale ``s``: given, or ``target_length / L`` (never below 1); checked to reach
+    ``target_length``."""
     if factor is None:
         if target_length is None:
-            raise ValueError(f"method {method!r} needs factor=<scale >= 1> or target_length=<tokens to read>.")
+            raise ValueError(f"method {method!r} needs factor=<scale >= 1> "
+                             "or target_length=<tokens to read>.")
         factor = max(1.0, target_length / trained_length)
     check_number("factor", factor, minimum=1.0, fix="factor=1 is vanilla; use factor = target_length / L")
     reach = math.floor(trained_length * factor)

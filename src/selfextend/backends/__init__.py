@@ -26,7 +26,8 @@ _fallback_logged: set[tuple[str, str]] = set()
 
 def available_backends(method: str = "self-extend") -> list[str]:
     """``auto``, then the backends of ``method`` that run anywhere, then the GPU ones."""
-    names = [n for n in (*AUTO_ORDER, *sorted(set(BACKENDS) - set(AUTO_ORDER))) if method in BACKENDS[n].methods]
+    names = [n for n in (*AUTO_ORDER, *sorted(set(BACKENDS) - set(AUTO_ORDER)))
+             if method in BACKENDS[n].methods]
     return ["auto", *names]
 
 
@@ -60,10 +61,12 @@ def select_backend(name: str, inputs: Inputs) -> Backend:
         if reason is None:
             return backend
         if not backend.fallback_when_unsupported:
-            raise ValueError(f"backend={name!r} cannot run this input: {reason}. Use backend='reference' or 'auto'.")
+            raise ValueError(f"backend={name!r} cannot run this input: {reason}. "
+                             "Use backend='reference' or 'auto'.")
         if (name, reason) not in _fallback_logged:
             _fallback_logged.add((name, reason))
-            logger.warning("selfextend: backend %r cannot run this input (%s); falling back to 'auto'", name, reason)
+            logger.warning("selfextend: backend %r cannot run this input (%s); falling back to 'auto'",
+                           name, reason)
     for candidate in AUTO_ORDER_CUDA if inputs.query.is_cuda else AUTO_ORDER:
         backend = BACKENDS[candidate]
         if candidate == name or method not in backend.methods:

@@ -10,7 +10,8 @@ this (dense loop, blockwise log-sum-exp merge, kernels).
 * ``SelfExtendInputs``: neighbor pairs (``q_pos - k_pos < window``) score ``query . key``, the others
   ``grouped_query . grouped_key``.
 * ``DCAInputs``: queries below ``exact_below`` score ``query . key``; otherwise keys of the query's own chunk
-  ``query_intra . chunk_key``, of the previous chunk ``query_succ . chunk_key``, older ``query_inter . chunk_key``.
+  ``query_intra . chunk_key``, of the previous chunk ``query_succ . chunk_key``, older
+  ``query_inter . chunk_key``.
 
 ``pairs()`` and ``part()`` state that assignment once per method, so the dense ``reference`` backend is one
 loop for every method.
@@ -64,7 +65,8 @@ class SelfExtendInputs(AttentionInputs):
         return [(self.query, self.key), (self.grouped_query, self.grouped_key)]
 
     def part(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-        """(B, t, Tk) index into ``pairs()`` for queries at ``query_pos`` (B, t) and keys at ``key_pos`` (B, Tk)."""
+        """(B, t, Tk) index into ``pairs()`` for queries at ``query_pos`` (B, t) and keys at ``key_pos``
+        (B, Tk)."""
         distance = query_pos[:, :, None] - key_pos[:, None, :]
         return (distance >= self.window).long()
 

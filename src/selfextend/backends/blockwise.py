@@ -59,7 +59,8 @@ class BlockwiseBackend(Backend):
         unpadded = dca_unpadded if isinstance(inp, DCAInputs) else self._unpadded
         ranges = real_key_ranges(inp)
         if ranges is None:
-            raise ValueError(f"backend 'cpu' cannot run this input: {self.supports(inp)}; use backend='reference'")
+            raise ValueError(f"backend 'cpu' cannot run this input: {self.supports(inp)}; "
+                             "use backend='reference'")
         bsz, heads, q_len, _ = inp.query.shape
         if inp.key_valid is None:
             first, last = ranges[0]
@@ -75,7 +76,8 @@ class BlockwiseBackend(Backend):
         return out
 
     def _unpadded(self, inp: SelfExtendInputs, rows: slice, first: int, last: int) -> torch.Tensor:
-        """SelfExtend for rows whose real keys are ``[first, last]`` and whose real queries end at ``last``."""
+        """SelfExtend for rows whose real keys are ``[first, last]`` and whose real queries end at
+        ``last``."""
         q_first, q_last = query_range(inp, first, last)
         q = inp.query[rows, :, q_first : q_last + 1]
         qg = inp.grouped_query[rows, :, q_first : q_last + 1]
@@ -136,10 +138,13 @@ class BlockwiseBackend(Backend):
             return attention_with_lse(q, k[:, :, ks : t0 + 1], v[:, :, ks : t0 + 1], scale, softcap=softcap)
         if b >= window:  # band narrower than the block: one masked call
             ks = max(0, t0 - window + 1)
-            dist = (t0 + torch.arange(b, device=q.device))[:, None] - torch.arange(ks, t0 + b, device=q.device)[None, :]
+            dist = ((t0 + torch.arange(b, device=q.device))[:, None]
+                    - torch.arange(ks, t0 + b, device=q.device)[None, :])
             band = (dist >= 0) & (dist < window)
-            return attention_with_lse(q, k[:, :, ks : t0 + b], v[:, :, ks : t0 + b], scale, mask=band, softcap=softcap)
-        out, lse = attention_with_lse(q, k[:, :, t0 : t0 + b], v[:, :, t0 : t0 + b], scale, causal=True, softcap=softcap)
+            return attention_with_lse(q, k[:, :, ks : t0 + b], v[:, :, ks : t0 + b], scale, mask=band,
+                                      softcap=softcap)
+        out, lse = attention_with_lse(q, k[:, :, t0 : t0 + b], v[:, :, t0 : t0 + b], scale, causal=True,
+                                      softcap=softcap)
         mid_s, mid_e = max(0, t0 - window + b), t0
         if mid_e > mid_s:
             o, l_ = attention_with_lse(q, k[:, :, mid_s:mid_e], v[:, :, mid_s:mid_e], scale, softcap=softcap)

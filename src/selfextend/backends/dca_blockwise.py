@@ -31,16 +31,19 @@ def dca_unpadded(inp: DCAInputs, rows: slice, first: int, last: int) -> torch.Te
 
     r = min(m, max(0, inp.exact_below - p0 - off))  # rows [0, r) are plain RoPE
     if r > 0:
-        out[:, :, :r] = bottom_right_causal(q[:, :, :r], k[:, :, : off + r], v[:, :, : off + r], scale, softcap)[0]
+        out[:, :, :r] = bottom_right_causal(q[:, :, :r], k[:, :, : off + r], v[:, :, : off + r], scale,
+                                            softcap)[0]
     qi, qs, qn = (t[rows, :, sl_q] for t in (inp.query_intra, inp.query_succ, inp.query_inter))
     while r < m:
         c = (p0 + off + r) // cl  # chunk of query r
         end = min(m, (c + 1) * cl - p0 - off)  # rows [r, end) share chunk c
         ks = max(0, c * cl - p0)  # first key of chunk c
         ps = max(0, (c - 1) * cl - p0)  # first key of chunk c - 1
-        o, lse = bottom_right_causal(qi[:, :, r:end], ck[:, :, ks : off + end], v[:, :, ks : off + end], scale, softcap)
+        o, lse = bottom_right_causal(qi[:, :, r:end], ck[:, :, ks : off + end], v[:, :, ks : off + end],
+                                     scale, softcap)
         if ks > ps:
-            o2, l2 = attention_with_lse(qs[:, :, r:end], ck[:, :, ps:ks], v[:, :, ps:ks], scale, softcap=softcap)
+            o2, l2 = attention_with_lse(qs[:, :, r:end], ck[:, :, ps:ks], v[:, :, ps:ks], scale,
+                                        softcap=softcap)
             o, lse = merge_lse(o, lse, o2, l2)
         if ps > 0:
             o2, l2 = attention_with_lse(qn[:, :, r:end], ck[:, :, :ps], v[:, :, :ps], scale, softcap=softcap)

@@ -52,7 +52,8 @@ def _compiled_flex():
 
 
 def _tile_ranges(pos: torch.Tensor, valid: torch.Tensor, size: int, n_tiles: int, pad_valid: bool):
-    """Per (row, tile): min and max position over valid entries, any valid, all valid (padded with pad_valid)."""
+    """Per (row, tile): min and max position over valid entries, any valid, all valid (padded with
+    pad_valid)."""
     pad = n_tiles * size - pos.shape[1]
     pos = F.pad(pos, (0, pad)).view(pos.shape[0], n_tiles, size)
     ok = F.pad(valid, (0, pad), value=False).view(pos.shape)
@@ -95,7 +96,8 @@ class FlexBackend(Backend):
             return f"dtype {inp.query.dtype} is not one of fp16, bf16, fp32"
         dim = inp.query.shape[-1]
         if inp.query.is_cuda and (dim < 16 or dim & (dim - 1) or inp.value.shape[-1] != dim):
-            return f"head dim {dim} (value {inp.value.shape[-1]}): the compiled kernel wants equal powers of two >= 16"
+            return (f"head dim {dim} (value {inp.value.shape[-1]}): "
+                    "the compiled kernel wants equal powers of two >= 16")
         return None
 
     def block_masks(self, inp: SelfExtendInputs):

@@ -46,7 +46,8 @@ def attention_with_lse(
     """Softmax attention of q over k, returning ``(out, lse)``.
 
     Args:
-        q: (B, H, Tq, D). k, v: (B, Hkv, Tk, D) with ``H % Hkv == 0`` (GQA: head h reads kv head h // (H/Hkv)).
+        q: (B, H, Tq, D). k, v: (B, Hkv, Tk, D) with ``H % Hkv == 0`` (GQA: head h reads kv head
+            h // (H/Hkv)).
         scale: multiplies q.k before the softmax.
         causal: top-left aligned causal mask (query i sees keys 0..i); callers use it with Tq == Tk.
         mask: optional (Tq, Tk) or broadcastable bool mask, True = attend. Every row must keep a key.
@@ -56,10 +57,12 @@ def attention_with_lse(
         ``out`` (B, H, Tq, Dv) in q's dtype and ``lse`` (B, H, Tq) in fp32.
     """
     op = _cpu_flash_op()
-    if op is not None and q.device.type == "cpu" and softcap is None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if (op is not None and q.device.type == "cpu" and softcap is None
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         float_mask = None
         if mask is not None:
-            float_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            float_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask, float("-inf"))
         return op(q, k, v, 0.0, causal, attn_mask=float_mask, scale=scale)
     return _attention_with_lse_matmul(q, k, v, scale, causal, mask, softcap)
 
@@ -95,7 +98,8 @@ def _attention_with_lse_matmul(q, k, v, scale, causal, mask, softcap):
             scores = torch.tanh(scores / softcap) * softcap
         allowed = None
         if causal:
-            allowed = torch.arange(s, e, device=q.device)[:, None] >= torch.arange(tk, device=q.device)[None, :]
+            allowed = (torch.arange(s, e, device=q.device)[:, None]
+                       >= torch.arange(tk, device=q.device)[None, :])
         if mask is not None:
             m = mask[..., s:e, :]
             allowed = m if allowed is None else allowed & m

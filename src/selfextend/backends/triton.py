@@ -52,7 +52,8 @@ class TritonBackend(Backend):
         """Errors that falling back would hide: called when this backend is requested by name."""
         if inp.query.dtype not in SUPPORTED_DTYPES:
             raise ValueError(
-                f"backend='triton' does not support dtype {inp.query.dtype}; supported dtypes: {_dtype_names()}. "
+                f"backend='triton' does not support dtype {inp.query.dtype}; "
+                f"supported dtypes: {_dtype_names()}. "
                 "Load the model in one of them, or use backend='auto'."
             )
 
@@ -67,13 +68,16 @@ class TritonBackend(Backend):
             return "logit soft-capping (Gemma 2) is not implemented in the kernel"
         if not contiguous_padding(inp):
             return "padding is not one contiguous block per row"
-        if not inp.query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" and not _built_interpreted():
-            return f"tensors are on {inp.query.device.type}: the kernel needs CUDA (or TRITON_INTERPRET=1 for tests)"
+        if (not inp.query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+                and not _built_interpreted()):
+            return (f"tensors are on {inp.query.device.type}: "
+                    "the kernel needs CUDA (or TRITON_INTERPRET=1 for tests)")
         kernel = load_kernel()
         if kernel is None:
             return "triton is not installed (pip install 'selfextend-llm[triton]')"
         if not inp.query.is_cuda and not kernel.INTERPRET:
-            return f"tensors are on {inp.query.device.type} and the kernel was not built under TRITON_INTERPRET=1"
+            return (f"tensors are on {inp.query.device.type} and the kernel was not built under "
+                    "TRITON_INTERPRET=1")
         return None
 
     def forward(self, inp: SelfExtendInputs) -> torch.Tensor:

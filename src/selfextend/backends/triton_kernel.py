@@ -24,11 +24,11 @@ One kernel, ``_selfextend_fwd``, serves prefill, chunked prefill and decode:
   by LSE.
 
 RoPE: the kernel consumes the grouped q/k that ``SelfExtendInputs`` already carries (rotated by fp32
-deltas in ``rope.py``; grouped keys are rotated once per key, in the KV cache, by ``cache.GroupedCache``). Rotating
-inside the kernel would need every RoPE layout variant (rotate-half, interleaved, partial rotary, per
-layer-type frequencies) re-implemented in Triton and would re-rotate each key tile for every query tile
-that reads it; it would save the grouped-key copy (0.5x KV memory while decoding), which is the
-natural next step once it can be measured on a GPU.
+deltas in ``rope.py``; grouped keys are rotated once per key, in the KV cache, by
+``cache.GroupedCache``). Rotating inside the kernel would need every RoPE layout variant (rotate-half,
+interleaved, partial rotary, per layer-type frequencies) re-implemented in Triton and would re-rotate
+each key tile for every query tile that reads it; it would save the grouped-key copy (0.5x KV memory
+while decoding), which is the natural next step once it can be measured on a GPU.
 
 Positions are per row (``query_pos``, ``key_pos``, ``key_valid``), so left padding, batches of different
 lengths and chunked prefill (``q_start > 0``) need nothing special. Causality is by index
@@ -103,7 +103,8 @@ def _attend_tile(
         kg = tl.load(kg_tile + offs_t[None, :] * HEAD_DIM + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         kpos = tl.load(KPOS_ROW + offs_n, mask=k_ok, other=0)
         is_neighbor = (qpos[:, None] - kpos[None, :]) < WINDOW
-        qk = tl.where(is_neighbor, tl.dot(q, k, input_precision="ieee"), tl.dot(qg, kg, input_precision="ieee"))
+        qk = tl.where(is_neighbor, tl.dot(q, k, input_precision="ieee"),
+                      tl.dot(qg, kg, input_precision="ieee"))
     if COUNT_TILES:
         tl.atomic_add(TILES + KIND, 1)
     qk = qk * qk_scale
@@ -210,8 +211,8 @@ def _selfextend_fwd(
     for start_n in range(g_hi, n_lo, BLOCK_N):  # boundary tiles
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, qg, qpos, qi, k_base + tl.cast(start_n, tl.int64) * HEAD_DIM,
-            kg_base + tl.cast(start_n, tl.int64) * HEAD_DIM, v_base + tl.cast(start_n, tl.int64) * HEAD_DIM_V, KPOS_ROW,
-            KVALID_ROW, start_n, end, causal_lim,
+            kg_base + tl.cast(start_n, tl.int64) * HEAD_DIM, v_base + tl.cast(start_n, tl.int64) * HEAD_DIM_V,
+            KPOS_ROW, KVALID_ROW, start_n, end, causal_lim,
             Q_START, WINDOW, qk_scale, TILES,
             _BOUNDARY, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES,
         )
@@ -235,7 +236,8 @@ def _selfextend_fwd(
         tl.store(LSE + part, lse, mask=row_ok)
     else:
         o_rows = b64 * s_ob + hq * s_oh + qi64 * s_om
-        tl.store(OUT + o_rows[:, None] + offs_dv[None, :] * s_od, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(OUT + o_rows[:, None] + offs_dv[None, :] * s_od, out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None])
         tl.store(LSE + (b64 * (HKV * REP) + hq) * M + qi, lse, mask=row_ok)
 
 
@@ -304,7 +306,8 @@ def selfextend_attention(
     if heads % kv_heads:
         raise ValueError(f"query heads {heads} are not a multiple of KV heads {kv_heads}")
     rep = heads // kv_heads
-    k, kg, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (k, kg, v))
+    k, kg, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+                for t in (k, kg, v))
     rows = m * rep
     device = q.device
     qpos = query_pos.to(device=device, dtype=torch.int32).expand(bsz, m).contiguous()
@@ -346,7 +349,8 @@ def selfextend_attention(
         o_strides = out_buf.stride()
     grid = (row_tiles, bsz * kv_heads, num_splits)
     _selfextend_fwd[grid](
-        q, k, v, qg, kg, qpos, kpos, valid, first, out_buf, lse_buf, tile_counts if tile_counts is not None else qpos,
+        q, k, v, qg, kg, qpos, kpos, valid, first, out_buf, lse_buf,
+        tile_counts if tile_counts is not None else qpos,
         *q.stride(), *k.stride()[:2], *v.stride()[:2], *qg.stride(), *kg.stride()[:2], *o_strides,
         m, n, q_start, window, scale * 1.4426950408889634, num_splits,
         HKV=kv_heads, REP=rep, HAS_PAD=has_pad, SPLIT=split, HEAD_DIM=dim, HEAD_DIM_V=dim_v,

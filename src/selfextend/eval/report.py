@@ -41,14 +41,18 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "accuracy": sum(float(r["score"]) for r in cell_rows) / len(cell_rows),
                     "n": len(cell_rows),
                     "correct": sum(float(r["score"]) for r in cell_rows),
-                    "by_depth": {str(d): sum(v) / len(v) for d, v in sorted(by_depth.items(), key=lambda kv: -1 if kv[0] is None else kv[0])},
+                    "by_depth": {
+                        str(d): sum(v) / len(v)
+                        for d, v in sorted(by_depth.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
+                    },
                     "prompt_tokens": sum(int(r["prompt_tokens"]) for r in cell_rows) // len(cell_rows),
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
                 }
             else:
                 nll = sum(float(r["nll"]) for r in cell_rows) / len(cell_rows)
                 n_buckets = min(len(r["bucket_nll"]) for r in cell_rows)
-                bucket_nll = [sum(r["bucket_nll"][b] for r in cell_rows) / len(cell_rows) for b in range(n_buckets)]
+                bucket_nll = [sum(r["bucket_nll"][b] for r in cell_rows) / len(cell_rows)
+                              for b in range(n_buckets)]
                 table[method][str(length)] = {
                     "ppl": math.exp(nll), "nll": nll, "n": len(cell_rows), "mode": cell_rows[0]["mode"],
                     "bucket": cell_rows[0]["bucket"], "bucket_ppl": [math.exp(b) for b in bucket_nll],
@@ -87,7 +91,8 @@ def markdown_buckets(summary: dict[str, Any], length: int) -> str:
         return ""
     bucket = next(iter(cells.values()))["bucket"]
     n = max(len(c["bucket_ppl"]) for c in cells.values())
-    head = "| method (mode) | " + " | ".join(f"{b * bucket // 1024}-{(b + 1) * bucket // 1024}k" for b in range(n)) + " | all |"
+    head = ("| method (mode) | "
+            + " | ".join(f"{b * bucket // 1024}-{(b + 1) * bucket // 1024}k" for b in range(n)) + " | all |")
     lines = [head, "|---|" + "---:|" * (n + 1)]
     for m, c in cells.items():
         values = [f"{v:.1f}" for v in c["bucket_ppl"]] + ["-"] * (n - len(c["bucket_ppl"]))
@@ -136,14 +141,18 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
         depths = sorted({d for m in results.values() for c in m.values() for d in c["by_depth"]},
                         key=lambda d: -1.0 if d == "None" else float(d))
         fig, axes = plt.subplots(1, len(methods), sharey=True, squeeze=False,
-                                 figsize=(1.5 + (0.55 * len(lengths) + 0.5) * len(methods), 1.6 + 0.4 * len(depths)))
+                                 figsize=(1.5 + (0.55 * len(lengths) + 0.5) * len(methods),
+                                          1.6 + 0.4 * len(depths)))
         for ax, method in zip(axes[0], methods, strict=True):
-            grid = [[results[method].get(str(n), {}).get("by_depth", {}).get(d, float("nan")) for n in lengths]
+            grid = [[results[method].get(str(n), {}).get("by_depth", {}).get(d, float("nan"))
+                     for n in lengths]
                     for d in depths]
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths],
+            ax.set_xticks(range(len(lengths)),
+                          [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths],
                           fontsize=8)
-            ax.set_yticks(range(len(depths)), ["-" if d == "None" else f"{float(d):.2f}" for d in depths], fontsize=8)
+            ax.set_yticks(range(len(depths)), ["-" if d == "None" else f"{float(d):.2f}" for d in depths],
+                          fontsize=8)
             ax.set_title(method.replace(":", "\n"), fontsize=8)
             ax.set_xlabel("length (tokens)", fontsize=8)
             for y, row in enumerate(grid):
@@ -170,7 +179,11 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
                 ax.plot(xs, cell["bucket_ppl"], marker="o", markersize=3, label=f"{method} ({cell['mode']})")
             ax.set_yscale("log")
             ax.set_xlabel("position (k tokens)")
-            ax.set_ylabel(f"perplexity per {summary['results'][summary['methods'][0]].get(str(length), {}).get('bucket', '')}-token bucket")
+            ax.set_ylabel(
+                "perplexity per "
+                f"{summary['results'][summary['methods'][0]].get(str(length), {}).get('bucket', '')}"
+                "-token bucket"
+            )
             ax.set_title(f"{task}: {length} tokens")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

@@ -61,7 +61,8 @@ class SampleWriter:
         self._f = path.open("a", encoding="utf-8")
 
     def _repair_tail(self) -> None:
-        """A crash mid-write can leave a last line without its newline: end it so the next row starts clean."""
+        """A crash mid-write can leave a last line without its newline: end it so the next row starts
+        clean."""
         if self.path.exists() and self.path.stat().st_size:
             with self.path.open("rb") as f:
                 f.seek(-1, os.SEEK_END)

@@ -112,11 +112,12 @@ def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, An
 def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
     task = TASKS.get(config.task)
     depths: list[float | None] = list(config.depths or [0.5]) if task.uses_depth else [None]
-    return [(length, spec, depth, i) for length in config.lengths for spec in config.methods for depth in depths
-            for i in range(config.samples)]
+    return [(length, spec, depth, i) for length in config.lengths for spec in config.methods
+            for depth in depths for i in range(config.samples)]
 
 
-def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path, progress: bool = True) -> list[dict[str, Any]]:
+def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
+             progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the evaluation; returns every row of the samples file for this task."""
     task = TASKS.get(config.task)
     out = Path(out_dir)
@@ -170,16 +171,19 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path, progress
 
 def _key(config: EvalConfig, cell) -> tuple:
     length, spec, depth, index = cell
-    return row_key({"task": config.task, "method": spec.label, "length": length, "depth": depth, "sample": index})
+    return row_key({"task": config.task, "method": spec.label, "length": length, "depth": depth,
+                    "sample": index})
 
 
 def _answer(model, tokenizer, task, sample: Sample) -> dict[str, Any]:
     from ..generation import greedy_answer
 
-    answer = greedy_answer(model, tokenizer, sample.prompt, max_new_tokens=task.max_new_tokens, progress=False)
+    answer = greedy_answer(model, tokenizer, sample.prompt, max_new_tokens=task.max_new_tokens,
+                           progress=False)
     score = task.score(answer.text, sample)
     return {"prompt_tokens": sample.n_tokens, "kept_tokens": answer.kept_tokens, "prediction": answer.text,
-            "expected": sample.expected, "score": float(score), "prefill_seconds": round(answer.prefill_seconds, 3),
+            "expected": sample.expected, "score": float(score),
+            "prefill_seconds": round(answer.prefill_seconds, 3),
             **({"needle_depth": sample.meta["needle_depth"]} if "needle_depth" in sample.meta else {})}
 
 

@@ -1,11 +1,12 @@
 """``selfextend tune``: choose SelfExtend's group size and window for one model and length from evidence.
 
-The authors give a rule of thumb only (``W`` in 512..2048, the smallest ``G`` with ``W + (N - W) / G <= 2/3 L``).
-``tune`` runs a seeded sweep of ``G x W`` at the target length on two probes, passkey retrieval at a few depths
-and single-pass perplexity on ``pydoc_data.topics``, ranks the candidates (accuracy first, then the perplexity
-of the last quarter of the document, where extension matters), and saves the winner for
-``apply(model, target_length=N)``. Candidates are tried nearest-to-the-rule first, so a short budget still
-covers the likeliest settings; the sweep stops when the next candidate would overrun the budget.
+The authors give a rule of thumb only (``W`` in 512..2048, the smallest ``G`` with
+``W + (N - W) / G <= 2/3 L``). ``tune`` runs a seeded sweep of ``G x W`` at the target length on two
+probes, passkey retrieval at a few depths and single-pass perplexity on ``pydoc_data.topics``, ranks the
+candidates (accuracy first, then the perplexity of the last quarter of the document, where extension
+matters), and saves the winner for ``apply(model, target_length=N)``. Candidates are tried
+nearest-to-the-rule first, so a short budget still covers the likeliest settings; the sweep stops when
+the next candidate would overrun the budget.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def candidates(target_length: int, trained_length: int) -> list[tuple[int, int]]
     rule_w = recommended_window(L)
     rule_g = recommended_group_size(target_length, L, rule_w)
     out = [(g, w) for w in WINDOWS if w <= L // 2 for g in GROUPS if max_reach(L, w, g) >= target_length]
-    return sorted(out, key=lambda gw: (abs(math.log(gw[0] / rule_g)) + 0.5 * abs(math.log2(gw[1] / rule_w)), gw))
+    return sorted(out, key=lambda gw: (abs(math.log(gw[0] / rule_g))
+                                       + 0.5 * abs(math.log2(gw[1] / rule_w)), gw))
 
 
 def _label(g: int, w: int) -> str:
@@ -46,7 +48,8 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
     """Run the sweep and return the ranked rows (best first); saves the winner unless ``save=False``."""
     L = trained_length_of(model.config)
     if target_length <= L:
-        raise ValueError(f"target_length={target_length} fits the trained length {L}: nothing to tune (vanilla).")
+        raise ValueError(f"target_length={target_length} fits the trained length {L}: "
+                         "nothing to tune (vanilla).")
     if budget_minutes < 0:
         raise ValueError(f"budget_minutes={budget_minutes} is negative; give the minutes the sweep may take")
     if max_candidates is not None and max_candidates < 1:
@@ -57,7 +60,8 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
     deadline = time.monotonic() + budget_minutes * 60
     costs: list[float] = []
     print(f"tune: {len(todo)} candidates (G x W) at {target_length} tokens, budget {budget_minutes:g} min, "
-          f"probes: passkey at depths {depth_list} + ppl (pydoc, single pass); results in {out_dir}", file=stream)
+          f"probes: passkey at depths {depth_list} + ppl (pydoc, single pass); results in {out_dir}",
+          file=stream)
     tried = []
     for i, (g, w) in enumerate(todo):
         if costs and time.monotonic() + max(costs) > deadline:
@@ -66,8 +70,8 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
         t0 = time.monotonic()
         spec = MethodSpec(_label(g, w), "self-extend", {"group_size": g, "window": w})
         print(f"tune: [{i + 1}/{len(todo)}] G={g} W={w}", file=stream, flush=True)
-        run_eval(model, tokenizer, EvalConfig("passkey", [spec], [target_length], depth_list, 1, seed), out_dir,
-                 progress=progress)
+        run_eval(model, tokenizer, EvalConfig("passkey", [spec], [target_length], depth_list, 1, seed),
+                 out_dir, progress=progress)
         run_eval(model, tokenizer, EvalConfig("ppl", [spec], [target_length], None, 1, seed,
                                               {"corpus": "pydoc", "mode": "single-pass", "bucket": 1024}),
                  out_dir, progress=progress)
@@ -107,7 +111,8 @@ def rank(out_dir: Path, target_length: int, tried: list[tuple[int, int]]) -> lis
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| rank | G | W | reach | passkey | ppl (all) | ppl (last quarter) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rank | G | W | reach | passkey | ppl (all) | ppl (last quarter) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['group_size']} | {r['window']} | {r['reach']} | {r['passkey']:.2f} "
                      f"({r['passkey'] * r['n']:g}/{r['n']}) | {r['ppl']:.2f} | {r['tail_ppl']:.2f} |")
@@ -116,9 +121,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_ranking(out_dir: Path, target_length: int, trained_length: int, depths: list[float], seed: int,
                   ranked: list[dict[str, Any]], table: str) -> None:
-    """``results_tune.json`` (the ranked rows and the probes that made them) and ``tune.md`` next to the samples."""
+    """``results_tune.json`` (the ranked rows and the probes that made them) and ``tune.md`` next to the
+    samples."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"target_length": target_length, "trained_length": trained_length, "depths": depths, "seed": seed,
-              "ranked": ranked}
+    result = {"target_length": target_length, "trained_length": trained_length, "depths": depths,
+              "seed": seed, "ranked": ranked}
     (out_dir / "results_tune.json").write_text(json.dumps(result, indent=2))
     (out_dir / "tune.md").write_text(table)

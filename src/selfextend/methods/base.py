@@ -48,10 +48,12 @@ class Method:
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
 
-    def resolve(self, model: torch.nn.Module, target_length: int | None, params: dict[str, Any]) -> dict[str, Any]:
+    def resolve(self, model: torch.nn.Module, target_length: int | None,
+                params: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def attach(self, model: torch.nn.Module, params: dict[str, Any], previous: ActiveMethod | None) -> ActiveMethod:
+    def attach(self, model: torch.nn.Module, params: dict[str, Any],
+               previous: ActiveMethod | None) -> ActiveMethod:
         """Apply in place. ``previous`` is this same method's active state when settings change."""
         raise NotImplementedError
 

@@ -1,4 +1,5 @@
-"""The two baselines every method is shown against: ``vanilla`` (extrapolate) and ``truncate`` (drop the start)."""
+"""The two baselines every method is shown against: ``vanilla`` (extrapolate) and ``truncate`` (drop the
+start)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ class Truncate(Method):
     summary = "keep only the last `keep` prompt tokens (what users fall back to); the model stays vanilla"
     params = (
         Param("keep", int, None, "prompt tokens kept (default: trained length - headroom)"),
-        Param("headroom", int, None, "tokens left for the answer when `keep` is derived (default min(64, L // 8))"),
+        Param("headroom", int, None, "tokens left for the answer when `keep` is derived "
+              "(default min(64, L // 8))"),
         TRAINED_LENGTH,
     )
 
     def resolve(self, model, target_length, params):
         self.check_params(params)
-        return {"keep": truncate_keep(params.get("keep"), params.get("headroom"), trained_length(model, params))}
+        return {"keep": truncate_keep(params.get("keep"), params.get("headroom"),
+                                      trained_length(model, params))}
 
     def attach(self, model, params, previous):
         return ActiveMethod(self.name, params)

@@ -25,15 +25,16 @@ from .base import TRAINED_LENGTH, AttentionMethod, Param, backend_param, config_
 
 @METHODS.register("dca")
 class DualChunkAttention(AttentionMethod):
-    summary = "Dual Chunk Attention (ChunkLlama): keys at j mod chunk_len; intra/successive/inter-chunk queries"
+    summary = ("Dual Chunk Attention (ChunkLlama): keys at j mod chunk_len; "
+               "intra/successive/inter-chunk queries")
     params = (
         Param("chunk_size", int, None, "cs < L: largest query position (default 3L/4, or Qwen's config)"),
         Param("local_window", int, None, "w < cs: chunk_len = cs - w; exact distances to the previous chunk "
               "while i mod chunk_len <= w (default L/16)"),
-        Param("temperature", bool, None, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L (default: on for "
-              "models with Qwen's dual_chunk_attention_config, else off)"),
-        Param("vanilla_within_trained", bool, True, "queries before the trained length keep plain RoPE: the model "
-              "is exactly vanilla within L"),
+        Param("temperature", bool, None, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
+              "(default: on for models with Qwen's dual_chunk_attention_config, else off)"),
+        Param("vanilla_within_trained", bool, True, "queries before the trained length keep plain RoPE: "
+              "the model is exactly vanilla within L"),
         TRAINED_LENGTH,
         backend_param("dca"),
     )

@@ -26,7 +26,8 @@ def _linear(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]
 
 
 def _ntk(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
-    """Static NTK-aware scaling: ``theta' = theta * s ** (D / (D - 2))`` (no built-in type in transformers 5)."""
+    """Static NTK-aware scaling: ``theta' = theta * s ** (D / (D - 2))`` (no built-in type in
+    transformers 5)."""
     dim = params["_rotary_dim"]
     theta = base["rope_theta"] * factor ** (dim / (dim - 2))
     return {**base, "rope_type": "default", "rope_theta": theta}, L
@@ -74,17 +75,18 @@ class RopeScaling(Method):
         base = dict(config.rope_parameters or {})
         if any(isinstance(v, dict) for v in base.values()):
             raise ValueError(
-                f"{self.name} supports models with one rope_parameters set; this model has one per layer type "
-                f"({', '.join(base)}). Use method='self-extend' for hybrid models."
+                f"{self.name} supports models with one rope_parameters set; this model has one per layer "
+                f"type ({', '.join(base)}). Use method='self-extend' for hybrid models."
             )
         if base.get("rope_type", "default") != "default":
             raise ValueError(
-                f"the model already uses rope_type={base['rope_type']!r}; {self.name} rescales plain RoPE only "
-                "(stacking two scalings is not what either was tuned for). Use method='self-extend'."
+                f"the model already uses rope_type={base['rope_type']!r}; {self.name} rescales plain RoPE "
+                "only (stacking two scalings is not what either was tuned for). Use method='self-extend'."
             )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         extra = {**params, "_rotary_dim": int(head_dim * base.get("partial_rotary_factor", 1.0))}
-        rope_parameters, max_positions = type(self).rope_fn(base, params["factor"], params["trained_length"], extra)
+        rope_parameters, max_positions = type(self).rope_fn(base, params["factor"],
+                                                            params["trained_length"], extra)
         config.rope_parameters = rope_parameters
         config.max_position_embeddings = max_positions
         device = next(iter(rotary.buffers())).device
@@ -123,7 +125,8 @@ class YaRN(RopeScaling):
     summary = "YaRN (rope_type 'yarn'): NTK-by-parts frequencies and attention temperature 0.1 ln(s) + 1"
     rope_fn = staticmethod(_yarn)
     params = RopeScaling.params + (
-        Param("attention_factor", float, None, "cos/sin multiplier (logits get its square); default 0.1 ln(s) + 1"),
+        Param("attention_factor", float, None, "cos/sin multiplier (logits get its square); "
+              "default 0.1 ln(s) + 1"),
         Param("beta_fast", float, None, "ramp boundary for extrapolation (default 32)"),
         Param("beta_slow", float, None, "ramp boundary for interpolation (default 1)"),
     )

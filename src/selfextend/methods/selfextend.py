@@ -19,16 +19,19 @@ logger = logging.getLogger("selfextend")
 
 @METHODS.register("self-extend")
 class SelfExtend(AttentionMethod):
-    """The authors' ``target_length`` rule, unless ``selfextend tune`` saved measured settings for this model."""
+    """The authors' ``target_length`` rule, unless ``selfextend tune`` saved measured settings for this
+    model."""
 
     summary = "SelfExtend: exact RoPE for keys closer than window, positions // group_size beyond"
     params = (
-        Param("group_size", int, None, "G: grouped positions are floor(pos / G) (default: from target_length)"),
+        Param("group_size", int, None, "G: grouped positions are floor(pos / G) "
+              "(default: from target_length)"),
         Param("window", int, None, "W: keys closer than W keep exact distances (default 1024 for L >= 4096)"),
         TRAINED_LENGTH,
         backend_param("self-extend"),
         Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
-        Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L (as DCA/YaRN; not in the paper)"),
+        Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
+              "(as DCA/YaRN; not in the paper)"),
     )
     config_class = SelfExtendConfig
     integration = SELFEXTEND

@@ -35,7 +35,8 @@ def load_tuned() -> dict[str, Any]:
         raise ValueError(f"cannot read tuned settings {path}: {exc}; delete the file or fix it") from exc
 
 
-def save_tuned(model: torch.nn.Module, target_length: int, settings: dict[str, Any], evidence: dict[str, Any]) -> Path:
+def save_tuned(model: torch.nn.Module, target_length: int, settings: dict[str, Any],
+               evidence: dict[str, Any]) -> Path:
     path = tuned_path()
     data = load_tuned()
     data.setdefault(model_key(model), {})[str(target_length)] = {**settings, "evidence": evidence}

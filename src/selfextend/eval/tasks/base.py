@@ -47,7 +47,8 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text).input_ids)
 
 
-def fit_length(tokenizer, build: Callable[[int], str], target_length: int, upper: int | None = None) -> tuple[int, str, int]:
+def fit_length(tokenizer, build: Callable[[int], str], target_length: int,
+               upper: int | None = None) -> tuple[int, str, int]:
     """Largest ``n`` with ``len(tokens(build(n))) <= target_length`` by binary search (``build`` must grow
     monotonically with ``n``). Returns ``(n, text, n_tokens)``; raises when even ``build(0)`` is too long.
 
@@ -55,7 +56,8 @@ def fit_length(tokenizer, build: Callable[[int], str], target_length: int, upper
     """
     base = count_tokens(tokenizer, build(0))
     if base > target_length:
-        raise ValueError(f"target_length={target_length} is shorter than the task template itself ({base} tokens)")
+        raise ValueError(f"target_length={target_length} is shorter than the task template itself "
+                         f"({base} tokens)")
     lo, hi = 0, upper if upper is not None else max(64, target_length * 8)
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -48,6 +48,7 @@ def corpus_text(corpus: str) -> str:
     path = Path(corpus)
     if not path.is_file():
         raise ValueError(
-            f"corpus {corpus!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor an existing text file."
+            f"corpus {corpus!r} is neither a built-in corpus ({', '.join(CORPORA)}) "
+            "nor an existing text file."
         )
     return path.read_text(encoding="utf-8", errors="replace")

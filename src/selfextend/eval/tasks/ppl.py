@@ -30,10 +30,11 @@ def document_ids(tokenizer, corpus: str, length: int, seed: int) -> torch.Tensor
     offset. Raises when the corpus is shorter than ``length``."""
     ids = _tokenized(tokenizer, corpus)
     if ids.numel() < length:
-        raise ValueError(f"corpus {corpus!r} has {ids.numel()} tokens, fewer than length={length}; use a longer "
-                         "corpus or a shorter length.")
+        raise ValueError(f"corpus {corpus!r} has {ids.numel()} tokens, fewer than length={length}; "
+                         "use a longer corpus or a shorter length.")
     spare = ids.numel() - length
-    start = 0 if seed == 0 or spare == 0 else int(torch.randint(spare + 1, (1,), generator=torch.Generator().manual_seed(seed)))
+    start = (0 if seed == 0 or spare == 0
+             else int(torch.randint(spare + 1, (1,), generator=torch.Generator().manual_seed(seed))))
     return ids[start : start + length][None]
 
 
@@ -49,7 +50,8 @@ def _tokenized(tokenizer, corpus: str) -> torch.Tensor:
 
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """NLL of tokens 1..n-1 given their prefix, from one forward pass; logits built ``chunk`` rows at a time."""
+    """NLL of tokens 1..n-1 given their prefix, from one forward pass; logits built ``chunk`` rows at a
+    time."""
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state[0]
     head = model.get_output_embeddings()
     targets = input_ids[0, 1:]
@@ -82,7 +84,8 @@ def sliding_nll(model, input_ids: torch.Tensor, window: int, stride: int) -> tor
 
 
 def bucket_means(nll: torch.Tensor, bucket: int) -> list[float]:
-    """Mean NLL per position bucket; token t (1-based position of the predicted token) goes to bucket t // bucket."""
+    """Mean NLL per position bucket; token t (1-based position of the predicted token) goes to bucket
+    t // bucket."""
     positions = torch.arange(1, nll.numel() + 1)
     return [float(nll[(positions // bucket) == b].mean()) for b in range(int(positions[-1]) // bucket + 1)
             if bool(((positions // bucket) == b).any())]
@@ -95,9 +98,9 @@ class Perplexity(Task):
     kind = "ppl"
     uses_depth = False
 
-    def evaluate(self, model, tokenizer, length: int, seed: int, *, corpus: str = "pydoc", mode: str = "single-pass",
-                 bucket: int = 2048, window: int | None = None, stride: int | None = None,
-                 keep: int | None = None) -> dict:
+    def evaluate(self, model, tokenizer, length: int, seed: int, *, corpus: str = "pydoc",
+                 mode: str = "single-pass", bucket: int = 2048, window: int | None = None,
+                 stride: int | None = None, keep: int | None = None) -> dict:
         """Score one document. ``keep`` (from ``truncate``) forces sliding with window ``keep``."""
         ids = document_ids(tokenizer, corpus, length, seed)
         if keep is not None and keep < length:
@@ -106,7 +109,8 @@ class Perplexity(Task):
             nll = token_nll(model, ids)
         elif mode == "sliding":
             if window is None or stride is None:
-                raise ValueError("ppl mode 'sliding' needs window and stride (e.g. --window 8192 --stride 4096)")
+                raise ValueError("ppl mode 'sliding' needs window and stride "
+                                 "(e.g. --window 8192 --stride 4096)")
             nll = sliding_nll(model, ids, window, stride)
         else:
             raise ValueError(f"unknown ppl mode {mode!r}; use 'single-pass' or 'sliding'")

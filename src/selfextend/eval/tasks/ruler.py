@@ -204,10 +204,11 @@ def check_depth(depth: float | None) -> float:
 
 
 class RulerNiah(Task):
-    """RULER NIAH: ``num_keys`` keys with ``num_values`` needles each; the first ``num_queries`` keys are asked.
+    """RULER NIAH: ``num_keys`` keys with ``num_values`` needles each; the first ``num_queries`` keys are
+    asked.
 
-    ``haystack`` is ``noise`` (the repeated grass sentence) or ``needle`` (distractor needles with other keys).
-    With one needle it sits at ``depth``; with several, at seeded random positions (no depth axis).
+    ``haystack`` is ``noise`` (the repeated grass sentence) or ``needle`` (distractor needles with other
+    keys). With one needle it sits at ``depth``; with several, at seeded random positions (no depth axis).
     """
 
     haystack: str = "noise"
@@ -226,14 +227,16 @@ class RulerNiah(Task):
         keys = [new_key() for _ in range(self.num_keys)]
         values = [[new_value() for _ in range(self.num_values)] for _ in keys]
         kind = self.value_kind
-        needles = [NIAH_NEEDLE.format(kind=kind, key=k, value=v) for k, vs in zip(keys, values, strict=True) for v in vs]
+        needles = [NIAH_NEEDLE.format(kind=kind, key=k, value=v)
+                   for k, vs in zip(keys, values, strict=True) for v in vs]
         fracs = [depth] if depth is not None else [rng.random() for _ in needles]
         items = list(zip(fracs, needles, strict=True))
 
         if self.haystack == "noise":
             lines = Lines(lambda i: FILLER)
         else:  # distractor needles, drawn after the real keys so none repeats them
-            lines = Lines(lambda i: NIAH_NEEDLE.format(kind=self.value_kind, key=new_key(), value=new_value()))
+            lines = Lines(lambda i: NIAH_NEEDLE.format(kind=self.value_kind, key=new_key(),
+                                                       value=new_value()))
 
         queries = keys[: self.num_queries]
         query = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + ", and " + queries[-1]
@@ -297,7 +300,8 @@ class NiahMultivalue(RulerNiah):
 @TASKS.register()
 class NiahMultiquery(RulerNiah):
     name = "niah_multiquery"
-    description = "RULER niah_multiquery: 4 keys at random positions, all 4 queried; all values must be returned"
+    description = ("RULER niah_multiquery: 4 keys at random positions, all 4 queried; "
+                   "all values must be returned")
     uses_depth = False
     num_keys = num_queries = 4
     max_new_tokens = 44
@@ -317,7 +321,8 @@ VT_ANSWER = (
 
 def vt_chain(rng: random.Random, letters: int, hops: int) -> tuple[list[str], list[str], str]:
     """``VAR A = 12345``, then ``VAR B = VAR A`` for ``hops`` hops: returns (names, lines, value)."""
-    new_name = unique_stream(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(letters)))
+    new_name = unique_stream(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+                                             for _ in range(letters)))
     names = [new_name() for _ in range(hops + 1)]
     value = str(rng.randint(10000, 99999))
     lines = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(hops)]
@@ -327,7 +332,8 @@ def vt_chain(rng: random.Random, letters: int, hops: int) -> tuple[list[str], li
 @TASKS.register()
 class VariableTracking(Task):
     name = "vt"
-    description = "RULER vt: one chain of 4 hops (5 variables) in noise, 1-shot; return every variable holding the value"
+    description = ("RULER vt: one chain of 4 hops (5 variables) in noise, 1-shot; "
+                   "return every variable holding the value")
     uses_depth = False
     max_new_tokens = 26  # five names are 14-18 tokens here (22 with commas); RULER allows 30
     hops = 4
@@ -338,7 +344,8 @@ class VariableTracking(Task):
         ex_fracs = sorted(rng.random() for _ in ex_lines)  # sorted: the chain reads in order, as in RULER
         ex_context = "\n".join(insert_lines([FILLER] * 5, list(zip(ex_fracs, ex_lines, strict=True))))
         example = (VT_TEMPLATE.format(context=ex_context, query=ex_value) + " "
-                   + VT_ANSWER.format(num_v=self.hops + 1, query=ex_value) + " " + " ".join(ex_names) + "\n\n")
+                   + VT_ANSWER.format(num_v=self.hops + 1, query=ex_value) + " " + " ".join(ex_names)
+                   + "\n\n")
         names, chain, value = vt_chain(rng, 5, self.hops)
         items = list(zip(sorted(rng.random() for _ in chain), chain, strict=True))
         head, tail = VT_TEMPLATE.split("{context}")
@@ -362,7 +369,8 @@ class VariableTracking(Task):
 
 CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
-    "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?"
+    "Memorize the ones that appear most often.\n{context}\n"
+    "Question: What are the 10 most common words in the above list?"
 )
 CWE_ANSWER = "Answer: The top 10 words that appear most often in the list are:"
 
@@ -374,7 +382,8 @@ def numbered(words: list[str]) -> str:
 @TASKS.register()
 class CommonWords(Task):
     name = "cwe"
-    description = "RULER cwe: numbered word list, 10 words repeated often, the rest rarely; 1-shot; return the 10"
+    description = ("RULER cwe: numbered word list, 10 words repeated often, the rest rarely; 1-shot; "
+                   "return the 10")
     uses_depth = False
     max_new_tokens = 72  # the numbered answer "1. kalomi 2. ..." is 55-61 tokens here; RULER allows 120
     num_common = 10
@@ -431,7 +440,8 @@ def zipf_words(vocab: list[str], n: int, rng: random.Random) -> list[str]:
 @TASKS.register()
 class FrequentWords(Task):
     name = "fwe"
-    description = "RULER fwe: six-letter coded words with Zipf(2) counts, rank 1 is '...'; 1-shot; return ranks 2-4"
+    description = ("RULER fwe: six-letter coded words with Zipf(2) counts, rank 1 is '...'; 1-shot; "
+                   "return ranks 2-4")
     uses_depth = False
     max_new_tokens = 20  # three coded words are 9-13 tokens here; RULER allows 50
     vocab_size = 2000

@@ -91,8 +91,10 @@ class MaskSpec:
 
     def materialize(self, implementation: str):
         """The mask the original ``implementation`` would have received (built once per forward)."""
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[implementation] if implementation in ALL_MASK_ATTENTION_FUNCTIONS else None
-        return self.memo(implementation, lambda: mask_fn(**self.kwargs) if mask_fn is not None else self.kwargs.get("attention_mask"))
+        mask_fn = (ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+                   if implementation in ALL_MASK_ATTENTION_FUNCTIONS else None)
+        return self.memo(implementation, lambda: (mask_fn(**self.kwargs) if mask_fn is not None
+                                                  else self.kwargs.get("attention_mask")))
 
 
 def lazy_mask(**kwargs) -> MaskSpec:
@@ -102,7 +104,8 @@ def lazy_mask(**kwargs) -> MaskSpec:
 
 @dataclass
 class ModelState:
-    """Per-model settings shared by all its layers; ``apply`` with new settings updates ``config`` in place."""
+    """Per-model settings shared by all its layers; ``apply`` with new settings updates ``config`` in
+    place."""
 
     config: Any  # the method's frozen config (``config.py``)
     original_implementation: str
@@ -143,7 +146,8 @@ class AttentionCall:
     layer of a forward shares them."""
 
     def __init__(self, module: torch.nn.Module, layer: LayerState, query: torch.Tensor, key: torch.Tensor,
-                 value: torch.Tensor, attention_mask: Any, dropout: float, scaling: float | None, kwargs: dict):
+                 value: torch.Tensor, attention_mask: Any, dropout: float, scaling: float | None,
+                 kwargs: dict):
         self.module, self.layer, self.kwargs = module, layer, kwargs
         self.query, self.key, self.value = query, key, value
         self.attention_mask, self.dropout = attention_mask, dropout
@@ -161,8 +165,9 @@ class AttentionCall:
         return self.spec.memo(key, compute) if self.spec is not None else compute()
 
     def _query_positions(self) -> tuple[int, torch.Tensor, int]:
-        """``(q_start, query_pos, max position)``: where the queries sit in the key tensor, and their (B, q_len)
-        RoPE positions (the ``position_ids`` RoPE used, or consecutive positions when the model passed none)."""
+        """``(q_start, query_pos, max position)``: where the queries sit in the key tensor, and their
+        (B, q_len) RoPE positions (the ``position_ids`` RoPE used, or consecutive positions when the model
+        passed none)."""
         bsz, _, q_len, _ = self.query.shape
         q_start = self.spec.q_start if self.spec is not None else self.kv_len - q_len
         position_ids = self.kwargs.get("position_ids")
@@ -184,7 +189,8 @@ class AttentionCall:
         if self.spec is not None and not self.spec.is_plain_causal:
             raise ValueError(
                 f"{label} supports causal attention with padding; this call has a custom mask pattern "
-                "(packed sequences, bidirectional or block overlays). Pass an attention_mask and unpacked inputs."
+                "(packed sequences, bidirectional or block overlays). "
+                "Pass an attention_mask and unpacked inputs."
             )
         if self.spec is None and self.attention_mask is not None:
             raise ValueError(
@@ -196,7 +202,8 @@ class AttentionCall:
         return None, absolute_key_positions(self.query_pos, None, self.q_start, self.kv_len)[0]
 
     def backend_inputs(self, key_valid: torch.Tensor | None, key_pos: torch.Tensor) -> dict[str, Any]:
-        """The fields every method's backend inputs share (``backends/base.py``): keys cut to the written ones."""
+        """The fields every method's backend inputs share (``backends/base.py``): keys cut to the written
+        ones."""
         w = self.written
         return dict(key=self.key[:, :, :w], value=self.value[:, :, :w], query_pos=self.query_pos,
                     key_pos=key_pos[:, :w], key_valid=None if key_valid is None else key_valid[:, :w],
@@ -253,7 +260,8 @@ class AttentionIntegration:
         if kwargs.get("sliding_window") is not None:
             return call.vanilla()  # local layers never see past their window
         if dropout:
-            raise ValueError(f"{self.label} is an inference method; call model.eval() (attention dropout must be 0).")
+            raise ValueError(f"{self.label} is an inference method; call model.eval() "
+                             "(attention dropout must be 0).")
         out = self.attend(call)
         if out is None:
             return call.vanilla()

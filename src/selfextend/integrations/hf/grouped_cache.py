@@ -54,7 +54,8 @@ class GroupedKeyStore:
         k = self._keys
         if k is None or self._len == 0 or self._len > written:
             return False
-        if k.shape[:2] != key.shape[:2] or k.shape[-1] != key.shape[-1] or k.dtype != key.dtype or k.device != key.device:
+        if (k.shape[:2] != key.shape[:2] or k.shape[-1] != key.shape[-1] or k.dtype != key.dtype
+                or k.device != key.device):
             return False
         return torch.equal(key[:, :, 0], self._first) and torch.equal(key[:, :, self._len - 1], self._last)
 
@@ -109,13 +110,15 @@ class GroupedCache:
     """Per model: finds the cache of the running forward and keeps its old keys at grouped positions.
 
     The attention registry does not pass the cache to attention functions, so hooks on the base model
-    (public ``nn.Module`` hooks, nothing patched) note the cache (``cache``, formerly ``past_key_values``) of each forward call.
+    (public ``nn.Module`` hooks, nothing patched) note the cache (``cache``, formerly ``past_key_values``)
+    of each forward call.
     """
 
     def __init__(self, base_model: torch.nn.Module) -> None:
         self.cache: Any = None
         self.use_cache = False
-        self._pending: dict[int, tuple[int, int, int, Rotate]] = {}  # layer -> (count, G, key data_ptr, rotate)
+        # layer -> (count, G, key data_ptr, rotate)
+        self._pending: dict[int, tuple[int, int, int, Rotate]] = {}
         self._pending_pos: torch.Tensor | None = None
         self._seen: weakref.WeakSet = weakref.WeakSet()
         self._rotate: dict[int, Rotate] = {}
@@ -131,7 +134,8 @@ class GroupedCache:
         except TypeError:
             bound = kwargs
         extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
-        self.cache = next((c for n in CACHE_NAMES for c in (bound.get(n), extra.get(n)) if c is not None), None)
+        self.cache = next((c for n in CACHE_NAMES for c in (bound.get(n), extra.get(n)) if c is not None),
+                          None)
         use_cache = bound.get("use_cache")
         self.use_cache = bool(getattr(module.config, "use_cache", True) if use_cache is None else use_cache)
         self._pending, self._pending_pos = {}, None
@@ -155,7 +159,8 @@ class GroupedCache:
         stored = getattr(layers[layer_idx], "keys", None)
         return stored if isinstance(stored, torch.Tensor) else None
 
-    def _record(self, layer_idx: int, count: int, group_size: int, key_pos: torch.Tensor, rotate: Rotate) -> None:
+    def _record(self, layer_idx: int, count: int, group_size: int, key_pos: torch.Tensor,
+                rotate: Rotate) -> None:
         record = getattr(self.cache, RECORD_ATTR, None)
         if record is None:
             record = GroupedRecord()
@@ -171,7 +176,8 @@ class GroupedCache:
         return stored is not None and stored.data_ptr() == key.data_ptr() and stored.shape == key.shape
 
     def grouped_keys(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, written: int,
-                     q_start: int, window: int, group_size: int, contiguous: bool, rotate: Rotate) -> torch.Tensor:
+                     q_start: int, window: int, group_size: int, contiguous: bool,
+                     rotate: Rotate) -> torch.Tensor:
         """Keys ``[0, written)`` of one attention call, with ``[0, written - window)`` at grouped positions.
 
         Returns the cache's own tensor when its grouped prefix already covers the call (every decode step),
@@ -192,10 +198,11 @@ class GroupedCache:
     def holds(self, layer_idx: int | None, key: torch.Tensor) -> bool:
         """Does this call's cache hold grouped keys for this layer?"""
         record = getattr(self.cache, RECORD_ATTR, None)
-        return record is not None and record.layers.get(layer_idx, (0, 0))[0] > 0 and self._owns(layer_idx, key)
+        return (record is not None and record.layers.get(layer_idx, (0, 0))[0] > 0
+                and self._owns(layer_idx, key))
 
-    def ungroup(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, q_start: int, keep: int,
-                rotate: Rotate, group_size: int = 0) -> int:
+    def ungroup(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, q_start: int,
+                keep: int, rotate: Rotate, group_size: int = 0) -> int:
         """Rotate the cache's grouped keys from ``keep`` on (all of them if they used another G) back to true
         positions: a cropped cache, a larger W or a vanilla call needs them as neighbors again. Keys from
         ``q_start`` on were written by this call (after a crop they replace grouped ones). Returns how many
@@ -233,7 +240,8 @@ class GroupedCache:
             if grouped.data_ptr() != key.data_ptr():  # a copy whose [count, written - window) is rotated
                 copied = max(count, min(target, written - window))
                 key[:, :, count:copied] = grouped[:, :, count:copied]
-            key[:, :, copied:target] = rotate(key[:, :, copied:target], _delta(key_pos[:, copied:target], group_size))
+            key[:, :, copied:target] = rotate(key[:, :, copied:target],
+                                              _delta(key_pos[:, copied:target], group_size))
             count = target
         if visible:
             self._record(layer_idx, count, group_size, key_pos, rotate)
@@ -258,7 +266,8 @@ def restore(cache: Any, rotate: dict[int, Rotate]) -> None:
     for layer_idx, (count, group_size) in record.layers.items():
         if count:
             keys = cache.layers[layer_idx].keys
-            keys[:, :, :count] = rotate[layer_idx](keys[:, :, :count], -_delta(record.key_pos[:, :count], group_size))
+            keys[:, :, :count] = rotate[layer_idx](keys[:, :, :count],
+                                                   -_delta(record.key_pos[:, :count], group_size))
     delattr(cache, RECORD_ATTR)
 
 

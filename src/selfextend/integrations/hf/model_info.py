@@ -43,9 +43,9 @@ def check_model(model: torch.nn.Module, method: str) -> tuple[torch.nn.Module, l
     _, rotary = rotary_embedding(model)
     if rotary is None:
         raise ValueError(
-            f"model_type {model_type!r} has no rotary position embedding (RoPE): {method} remaps RoPE positions "
-            "and cannot extend models with learned or ALiBi positions. Use a RoPE model (Llama, Mistral, Qwen, "
-            "Gemma, Phi)."
+            f"model_type {model_type!r} has no rotary position embedding (RoPE): {method} remaps RoPE "
+            "positions and cannot extend models with learned or ALiBi positions. Use a RoPE model (Llama, "
+            "Mistral, Qwen, Gemma, Phi)."
         )
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(
@@ -65,7 +65,8 @@ def check_model(model: torch.nn.Module, method: str) -> tuple[torch.nn.Module, l
 
 
 def inv_freq_getter(rotary: torch.nn.Module, layer: torch.nn.Module):
-    """Per-layer-type frequencies (Gemma 3 keeps ``full_attention_inv_freq``), else the shared ``inv_freq``."""
+    """Per-layer-type frequencies (Gemma 3 keeps ``full_attention_inv_freq``), else the shared
+    ``inv_freq``."""
     name = f"{getattr(layer, 'layer_type', None)}_inv_freq"
     if not hasattr(rotary, name):
         name = "inv_freq"
@@ -84,8 +85,8 @@ def disable_global_sliding_window(model: torch.nn.Module, state, enable_remap: b
         state.original_sliding_window = model.config.sliding_window
         state.changed_sliding_window = True
         logger.warning(
-            "selfextend: disabling sliding_window=%s (it applies to every layer and would hide the far keys the "
-            "method reads); remove() restores it.",
+            "selfextend: disabling sliding_window=%s (it applies to every layer and would hide the far keys "
+            "the method reads); remove() restores it.",
             model.config.sliding_window,
         )
         model.config.sliding_window = None

@@ -74,9 +74,9 @@ def ends_contiguous(key_valid: torch.Tensor | None, written: int) -> bool:
 
 def _overflow(cfg: SelfExtendConfig, length: int) -> None:
     msg = (
-        f"{length} tokens exceed the reach ({cfg.trained_length}-{cfg.window})*{cfg.group_size}+{cfg.window} = "
-        f"{cfg.max_length} of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave the trained "
-        f"range. Set group_size >= {smallest_group_size(length, cfg.trained_length, cfg.window)}"
+        f"{length} tokens exceed the reach ({cfg.trained_length}-{cfg.window})*{cfg.group_size}+{cfg.window}"
+        f" = {cfg.max_length} of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave "
+        f"the trained range. Set group_size >= {smallest_group_size(length, cfg.trained_length, cfg.window)}"
     )
     if not cfg.allow_overflow:
         raise ValueError(msg + ", or pass allow_overflow=True to continue with a warning.")
