@@ -30,7 +30,8 @@ FAMILIES = {
     "qwen2": {},
     "qwen3": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
-    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {
+        "head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
     "phi3": {},
     "phi": {"partial_rotary_factor": 0.5, "num_key_value_heads": 4},
 }

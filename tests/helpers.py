@@ -1,4 +1,5 @@
-"""Random backend inputs (SelfExtend, DCA), built through the same position/rotation code as the model path."""
+"""Random backend inputs (SelfExtend, DCA), built through the same position/rotation code as the model
+path."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def make_inputs(
     g = torch.Generator().manual_seed(seed)
     q_len = q_len or kv_len
     q_start = kv_len - q_len
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim - dim % 2, 2).float() / dim))  # odd dims: last channel passes
+    # odd dims: last channel passes
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim - dim % 2, 2).float() / dim))
     q = (torch.randn(bsz, heads, q_len, dim, generator=g) * 2).to(dtype)
     k = (torch.randn(bsz, kv_heads, kv_len, dim, generator=g) * 2).to(dtype)
     v = torch.randn(bsz, kv_heads, kv_len, dim, generator=g).to(dtype)
@@ -35,8 +37,9 @@ def make_inputs(
     k_pos, _ = absolute_key_positions(q_pos, key_valid, q_start, kv_len)
     qg = rotate_by(q, grouped_query_positions(q_pos, group, window) - q_pos, inv_freq)
     kg = rotate_by(k, grouped_key_positions(k_pos, group) - k_pos, inv_freq)
-    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=q_pos, key_pos=k_pos,
-                            key_valid=key_valid, q_start=q_start, window=window, scaling=dim**-0.5, softcap=softcap)
+    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=q_pos,
+                            key_pos=k_pos, key_valid=key_valid, q_start=q_start, window=window,
+                            scaling=dim**-0.5, softcap=softcap)
 
 
 def real_rows(out: torch.Tensor, inp: SelfExtendInputs) -> torch.Tensor:
@@ -47,9 +50,11 @@ def real_rows(out: torch.Tensor, inp: SelfExtendInputs) -> torch.Tensor:
     return out * qv[:, None, :, None]
 
 
-def make_dca_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, cs=24, lw=6, gate=0, key_valid=None,
-                dtype=torch.float32, softcap=None, seed=0) -> tuple[DCAInputs, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DCAInputs from un-rotated q/k, each version rotated from scratch at its DCA position (``apply_rope``)."""
+def make_dca_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, cs=24, lw=6, gate=0,
+                    key_valid=None, dtype=torch.float32, softcap=None,
+                    seed=0) -> tuple[DCAInputs, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DCAInputs from un-rotated q/k, each version rotated from scratch at its DCA position
+    (``apply_rope``)."""
     g = torch.Generator().manual_seed(seed)
     q_len = q_len or kv_len
     q_start = kv_len - q_len

@@ -158,7 +158,8 @@ def dca_distance_table(query_pos: torch.Tensor, key_pos: torch.Tensor, chunk_siz
     j = key_pos.long()[..., None, :]
     same = j // cl == i // cl
     previous = j // cl == i // cl - 1
-    query_at = torch.where(same, i % cl, torch.where(previous, (i % cl + cl).clamp(max=chunk_size), chunk_size))
+    query_at = torch.where(same, i % cl,
+                           torch.where(previous, (i % cl + cl).clamp(max=chunk_size), chunk_size))
     distance = torch.where(i < exact_below, i - j, query_at - j % cl)
     return torch.where(j > i, torch.full_like(distance, -1), distance)
 

@@ -44,7 +44,8 @@ def _generate(model, ids, mask, prefill_backend, decode_backend):
     selfextend.apply(model, group_size=G, window=W, backend=prefill_backend)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(ids[:, :PROMPT], attention_mask=mask[:, :PROMPT], position_ids=pos[:, :PROMPT], use_cache=True)
+        out = model(ids[:, :PROMPT], attention_mask=mask[:, :PROMPT], position_ids=pos[:, :PROMPT],
+                    use_cache=True)
         logits = [out.logits[:, -1]]
         selfextend.apply(model, group_size=G, window=W, backend=decode_backend)
         for t in range(PROMPT, PROMPT + STEPS):
@@ -91,7 +92,8 @@ def test_flex_switch(monkeypatch):
     _check(build_model("llama"), [("flex", "cpu"), ("cpu", "flex")], monkeypatch)
 
 
-@pytest.mark.skipif(KERNEL is None, reason="triton is not installed or its kernel cannot run interpreted here")
+@pytest.mark.skipif(KERNEL is None,
+                    reason="triton is not installed or its kernel cannot run interpreted here")
 def test_triton_switch(monkeypatch):
     model = build_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
     _check(model, [("triton", "reference"), ("cpu", "triton"), ("triton", "flex")], monkeypatch)

@@ -105,17 +105,17 @@ def test_unknown_backend_lists_choices():
 def dca_oracle(inp: DCAInputs, q, k, inv_freq):
     """``tests/reference.py``'s fp64 DCA from the un-rotated q/k: shares no code with the library."""
     return dca_attention_ref(q, k, inp.value, inp.query_pos, inp.key_pos, inp.chunk_size, inp.local_window,
-                             inp.exact_below, inv_freq, inp.scaling, key_valid=inp.key_valid, q_start=inp.q_start,
-                             softcap=inp.softcap).double()
+                             inp.exact_below, inv_freq, inp.scaling, key_valid=inp.key_valid,
+                             q_start=inp.q_start, softcap=inp.softcap).double()
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize(("gate", "q_len", "pads"), [(0, None, None), (64, None, None), (0, 17, None), (0, 1, None),
-                                                     (64, None, (0, 23)), (0, 9, (31, 0))])
+@pytest.mark.parametrize(("gate", "q_len", "pads"), [(0, None, None), (64, None, None), (0, 17, None),
+                                                     (0, 1, None), (64, None, (0, 23)), (0, 9, (31, 0))])
 def test_dca_backends_equal_the_oracle(backend, gate, q_len, pads):
     key_valid = None if pads is None else _left_pad(len(pads), 100, pads)
-    inp, q, k, inv_freq = make_dca_inputs(bsz=1 if pads is None else len(pads), kv_len=100, q_len=q_len, gate=gate,
-                                      key_valid=key_valid)
+    inp, q, k, inv_freq = make_dca_inputs(bsz=1 if pads is None else len(pads), kv_len=100, q_len=q_len,
+                                          gate=gate, key_valid=key_valid)
     out = BACKENDS[backend].forward(inp).double()
     assert (real_rows(out, inp) - real_rows(dca_oracle(inp, q, k, inv_freq), inp)).abs().max() < 1e-5
 
@@ -158,7 +158,8 @@ def test_dca_blockwise_equals_reference_bf16_and_softcap():
 
 
 def test_within_one_chunk_dca_math_equals_vanilla_attention():
-    # no gate: every row goes through the DCA parts, yet up to min(cs + 1, 2 cl) tokens all distances are exact
+    # no gate: every row goes through the DCA parts, yet up to min(cs + 1, 2 cl) tokens all distances
+    # are exact
     inp, *_ = make_dca_inputs(kv_len=dca_exact_below(24, 6, 64, False), gate=0)
     vanilla = torch.nn.functional.scaled_dot_product_attention(
         inp.query, inp.key, inp.value, is_causal=True, enable_gqa=True)

@@ -56,7 +56,8 @@ def test_decode_keeps_old_keys_grouped_in_the_cache_itself():
     got = torch.cat([run(model, x, cache, 0, PROMPT, PROMPT), run(model, x, cache, PROMPT, N)], 1)
     assert close(got, full)
     record = getattr(cache, RECORD_ATTR)
-    assert record.layers == {i: (N - W + 1, G) for i in range(2)}  # the next query sees keys < N - W + 1 grouped
+    # the next query sees keys < N - W + 1 grouped
+    assert record.layers == {i: (N - W + 1, G) for i in range(2)}
     # the grouped prefix is exactly the true keys rotated once to j // G
     true_keys = vanilla_cache.layers[0].keys[:, :, : PROMPT - W]
     pos = torch.arange(PROMPT - W)[None]

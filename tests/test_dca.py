@@ -139,8 +139,8 @@ def test_defaults_reach_and_qwen_config(caplog):
         "chunk_size": 32, "local_size": 4, "original_max_position_embeddings": 32})
     selfextend.apply(qwen, method="dca")
     params = selfextend.active(qwen).params
-    assert (params["chunk_size"], params["local_window"], params["trained_length"], params["temperature"]) == (
-        32, 4, 32, True)
+    assert (params["chunk_size"], params["local_window"], params["trained_length"],
+            params["temperature"]) == (32, 4, 32, True)
     assert not torch.allclose(logits(qwen, ids()), logits(build_model("qwen2"), ids()))  # it is active
     # a model's own config gives exactly what the same settings give when passed explicitly
     qwen24 = build_model("qwen2", dual_chunk_attention_config={
@@ -157,7 +157,8 @@ def test_defaults_reach_and_qwen_config(caplog):
     ("kwargs", "error", "message"),
     [
         ({"chunk_size": TRAINED}, ValueError, "chunk_size=64 must be smaller than the trained length"),
-        ({"chunk_size": 24, "local_window": 24}, ValueError, "local_window=24 must be smaller than chunk_size=24"),
+        ({"chunk_size": 24, "local_window": 24}, ValueError,
+         "local_window=24 must be smaller than chunk_size=24"),
         ({"chunk_size": 24.5}, TypeError, "chunk_size must be an integer"),
         ({"local_window": "8"}, TypeError, "local_window must be an integer"),
         ({"local_window": 0}, ValueError, "local_window must be >= 1"),

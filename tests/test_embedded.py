@@ -27,7 +27,8 @@ def test_embedded_invariants(model_and_tokens):
     model, x = model_and_tokens
     assert model.config.max_position_embeddings == 8192
     vanilla = logits(model, x)
-    # a shorter pass is not bitwise a prefix of a longer one (the kernel blocks differ): compare like with like
+    # a shorter pass is not bitwise a prefix of a longer one (the kernel blocks differ): compare like
+    # with like
     vanilla_window = logits(model, x[:, :W])
     try:
         selfextend.apply(model, group_size=1, window=W)
@@ -66,7 +67,8 @@ def test_embedded_invariants(model_and_tokens):
 
 
 def test_embedded_passkey_at_2k_vanilla_and_self_extend(tmp_path):
-    """The harness on the real model at a CI-sized length: both answer (SelfExtend with W=512 so it is active)."""
+    """The harness on the real model at a CI-sized length: both answer (SelfExtend with W=512 so it is
+    active)."""
     from selfextend.eval.report import write_results
     from selfextend.eval.runner import EvalConfig, parse_method, run_eval
 
@@ -75,4 +77,5 @@ def test_embedded_passkey_at_2k_vanilla_and_self_extend(tmp_path):
     config = EvalConfig("passkey", methods, [2048], [0.5], 1, 0)
     rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
     assert [r["score"] for r in rows] == [1.0, 1.0], [r["prediction"] for r in rows]
-    assert write_results(tmp_path, "passkey")["results"]["self-extend:group_size=4:window=512"]["2048"]["accuracy"] == 1.0
+    assert (write_results(tmp_path, "passkey")["results"]["self-extend:group_size=4:window=512"]["2048"]
+            ["accuracy"] == 1.0)

@@ -26,7 +26,8 @@ def test_group_size_type():
 
 def test_target_length_out_of_reach_names_smallest_group_size():
     # reach (64 - 16) * 2 + 16 = 112; 400 tokens need G >= ceil(384 / 48) = 8
-    with pytest.raises(ValueError, match=r"target_length=400 exceeds the reach \(64-16\)\*2\+16 = 112.*group_size >= 8"):
+    with pytest.raises(ValueError,
+                       match=r"target_length=400 exceeds the reach \(64-16\)\*2\+16 = 112.*group_size >= 8"):
         selfextend.apply(build_model("llama"), group_size=2, window=16, target_length=400)
 
 
@@ -65,7 +66,8 @@ def test_unsupported_family():
 
     cfg = AutoConfig.for_model("olmo2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=2, vocab_size=64, pad_token_id=0)
-    with pytest.raises(ValueError, match="model_type 'olmo2' is not supported yet. Supported families: gemma2"):
+    with pytest.raises(ValueError,
+                       match="model_type 'olmo2' is not supported yet. Supported families: gemma2"):
         selfextend.apply(AutoModelForCausalLM.from_config(cfg), group_size=2, window=16)
 
 
@@ -79,7 +81,9 @@ def test_input_longer_than_reach_errors_or_warns_on_opt_in():
     selfextend.apply(model, group_size=2, window=16)  # reach 112
     x = torch.randint(3, 100, (1, 130))
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"130 tokens exceed the reach .* = 112 .*group_size >= 3.*allow_overflow=True"):
+        with pytest.raises(ValueError,
+                           match=r"130 tokens exceed the reach .* = 112 .*group_size >= 3"
+                                 r".*allow_overflow=True"):
             model(x)
         model(x[:, :112])  # at the reach: fine
         selfextend.apply(model, group_size=2, window=16, allow_overflow=True)

@@ -121,7 +121,8 @@ def test_hybrid_models_extend_only_global_layers(family_name):
     selfextend.apply(model, group_size=G, window=W)
     calls = []
     hooks = [
-        layer.self_attn.register_forward_hook(lambda m, a, k, o, calls=calls: calls.append(m.layer_type), with_kwargs=True)
+        layer.self_attn.register_forward_hook(lambda m, a, k, o, calls=calls: calls.append(m.layer_type),
+                                              with_kwargs=True)
         for layer in model.model.layers
     ]
     logits(model, ids())

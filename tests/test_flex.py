@@ -86,7 +86,8 @@ def test_block_masks_exact(q_len):
     m, n = inp.q_len, inp.kv_len
     q_idx = inp.q_start + torch.arange(m)
     dist = inp.query_pos[:, :, None] - inp.key_pos[:, None, :]
-    base = (torch.arange(n)[None, None, :] <= q_idx[None, :, None]) & valid[:, None, :] & valid[:, q_idx, None]
+    base = ((torch.arange(n)[None, None, :] <= q_idx[None, :, None]) & valid[:, None, :]
+            & valid[:, q_idx, None])
     b_ = torch.arange(2)[:, None, None]
     qi_, kv_ = torch.arange(m)[None, :, None], torch.arange(n)[None, None, :]
     for mask, allowed in ((neighbor, base & (dist < inp.window)), (grouped, base & (dist >= inp.window))):
@@ -94,7 +95,8 @@ def test_block_masks_exact(q_len):
         partial, full = _selected(mask, False), _selected(mask, True)
         assert not (partial & full).any()
         pad_m, pad_n = -m % bs, -n % bs
-        blocks = torch.nn.functional.pad(allowed, (0, pad_n, 0, pad_m)).view(2, -(-m // bs), bs, -(-n // bs), bs)
+        blocks = torch.nn.functional.pad(allowed, (0, pad_n, 0, pad_m)).view(2, -(-m // bs), bs,
+                                                                             -(-n // bs), bs)
         some = blocks.any(4).any(2)
         assert not (some & ~(partial | full)).any(), "an allowed pair lies in a skipped block"
         in_range = torch.nn.functional.pad(torch.ones(m, n, dtype=torch.bool), (0, pad_n, 0, pad_m))

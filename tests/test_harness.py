@@ -51,7 +51,8 @@ def comparable(summary):
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_task_end_to_end(task, model, tokenizer, tmp_path):
-    config = EvalConfig(task, all_methods(), LENGTHS, [0.5], 1, 0, {"bucket": 256} if TASKS[task].kind == "ppl" else {})
+    config = EvalConfig(task, all_methods(), LENGTHS, [0.5], 1, 0,
+                        {"bucket": 256} if TASKS[task].kind == "ppl" else {})
     rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
     assert len(rows) == len(METHODS) * len(LENGTHS)
     result = report_mod.write_results(tmp_path, task)
@@ -147,7 +148,8 @@ def test_unknown_task_length_beyond_reach_and_missing_corpus(model, tokenizer, t
     linear = EvalConfig("passkey", [parse_method("linear:factor=2")], [5000], [0.5])
     with pytest.raises(ValueError, match="set factor >= "):
         run_eval(model, tokenizer, linear, tmp_path, progress=False)
-    missing = EvalConfig("ppl", [parse_method("vanilla")], [600], None, 1, 0, {"corpus": str(tmp_path / "nope.txt")})
+    missing = EvalConfig("ppl", [parse_method("vanilla")], [600], None, 1, 0,
+                         {"corpus": str(tmp_path / "nope.txt")})
     with pytest.raises(ValueError, match="neither a built-in corpus"):
         run_eval(model, tokenizer, missing, tmp_path, progress=False)
     assert not (tmp_path / "samples_passkey.jsonl").exists()  # refused before any sample ran
@@ -215,6 +217,8 @@ def test_tune_budget_and_bad_input(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="fits the trained length"):
         tune(model, tokenizer, TRAINED, save=False, progress=False, stream=io.StringIO())
     with pytest.raises(ValueError, match="budget_minutes"):
-        tune(model, tokenizer, 2 * TRAINED, budget_minutes=-1, save=False, progress=False, stream=io.StringIO())
+        tune(model, tokenizer, 2 * TRAINED, budget_minutes=-1, save=False, progress=False,
+             stream=io.StringIO())
     with pytest.raises(ValueError, match="max_candidates"):
-        tune(model, tokenizer, 2 * TRAINED, max_candidates=0, save=False, progress=False, stream=io.StringIO())
+        tune(model, tokenizer, 2 * TRAINED, max_candidates=0, save=False, progress=False,
+             stream=io.StringIO())

@@ -38,7 +38,8 @@ def test_every_method_runs_and_remove_restores(method):
     selfextend.apply(model, method=method, target_length=N)
     out = logits(model, x)
     assert selfextend.active(model).name == method
-    if method in ("vanilla", "truncate"):  # truncate acts on prompts in selfextend's own helpers, not in forward
+    # truncate acts on prompts in selfextend's own helpers, not in forward
+    if method in ("vanilla", "truncate"):
         assert torch.equal(out, vanilla)
     else:
         assert torch.isfinite(out).all()
@@ -87,7 +88,8 @@ def test_rope_methods_use_transformers_formulas():
 
     selfextend.apply(model, method="yarn", factor=4.0)
     expected, attention_factor = _reference_inv_freq(
-        model, {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0, "original_max_position_embeddings": TRAINED},
+        model, {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0,
+                "original_max_position_embeddings": TRAINED},
         4 * TRAINED)
     rotary = selfextend.integrations.hf.model_info.rotary_embedding(model)[1]
     assert torch.allclose(current_inv_freq(model), expected)
@@ -140,7 +142,8 @@ def test_truncate_keeps_the_last_tokens():
         (dict(method="yarn", group_size=4), "group_size/window are SelfExtend parameters"),
         (dict(method="truncate", keep=10 * TRAINED), "exceeds the trained length"),
         (dict(method="self-extend", group_size=2, window=16, target_length=10_000), "exceeds the reach"),
-        (dict(method="self-extend", group_size=4, window=16, temperature="yes"), "temperature must be True or False"),
+        (dict(method="self-extend", group_size=4, window=16, temperature="yes"),
+         "temperature must be True or False"),
     ],
 )
 def test_bad_parameters_are_refused_and_leave_the_model_alone(kwargs, message):
@@ -182,7 +185,8 @@ def test_self_extend_temperature_acts_past_the_trained_length_only():
     warm = logits(model, x)
     assert torch.equal(warm[:, :TRAINED], cold[:, :TRAINED]) and (warm - cold).abs().max() > 1e-3
     cache = output_cache(model(x[:, :-9], use_cache=True))  # prefill, then decode: the same as one pass
-    steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits for t in range(N - 9, N)]
+    steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
+             for t in range(N - 9, N)]
     assert (torch.cat(steps, 1) - warm[:, -9:]).abs().max() < 1e-4
 
 

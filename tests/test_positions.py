@@ -114,7 +114,8 @@ def test_position_maps_match_the_hand_computed_table():
     gated = dca_relative_positions(pos, pos, 6, 2, exact_below=10)
     assert torch.equal(gated[:10], (pos[:10, None] - pos[None, :]))
     assert torch.equal(gated[10:], table[10:])
-    assert dca_exact_below(6, 2, 64, False) == 7 and torch.equal(table[:7].tril(), (pos[:7, None] - pos).tril())
+    assert dca_exact_below(6, 2, 64, False) == 7 and torch.equal(table[:7].tril(),
+                                                                 (pos[:7, None] - pos).tril())
     assert dca_exact_below(6, 2, 64, True) == 64
 
 

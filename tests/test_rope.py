@@ -41,7 +41,8 @@ def test_long_inputs_rotate_in_chunks_with_the_same_result():
     x = torch.randn(1, 3, 5000, 16, dtype=torch.bfloat16)
     delta = torch.randint(-9000, 0, (1, 5000))
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-    pieces = [rotate_by(x[:, :, s : s + 1000], delta[:, s : s + 1000], inv_freq) for s in range(0, 5000, 1000)]
+    pieces = [rotate_by(x[:, :, s : s + 1000], delta[:, s : s + 1000], inv_freq)
+              for s in range(0, 5000, 1000)]
     assert torch.equal(rotate_by(x, delta, inv_freq), torch.cat(pieces, 2))
 
 
@@ -52,7 +53,8 @@ def test_decode_rotation_by_cached_matrix_matches(layout, rotary_dims, dtype):
     """A decode step's few deltas rotate by a cached (D x D) matrix: the same map, rounding aside."""
     torch.manual_seed(0)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dims, 2).float() / rotary_dims))
-    x = torch.randn(2, 3, 1, 16).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # like a model's (B, H, 1, D) view
+    # like a model's (B, H, 1, D) view
+    x = torch.randn(2, 3, 1, 16).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
     delta = torch.tensor([[-7000], [-12]])  # rows at different positions (a left-padded batch)
     memo: dict = {}
     fast = rotate_by(x, delta, inv_freq, layout, memo)

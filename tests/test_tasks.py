@@ -127,7 +127,8 @@ def test_scorer(name, tokenizer):
     assert task.score(rotate(right), sample) == 0.0
     assert task.score("", sample) == 0.0
     if len(sample.expected) > 1:  # partial credit: the fraction of items found
-        assert task.score(f" {sample.expected[0]} and nothing else", sample) == pytest.approx(1 / len(sample.expected))
+        assert task.score(f" {sample.expected[0]} and nothing else", sample) == pytest.approx(
+            1 / len(sample.expected))
 
 
 def test_niah_scores_key_phrases(tokenizer):

@@ -150,7 +150,8 @@ def _expected_tiles(inp, block_m, block_n):
 
 @pytest.mark.parametrize("case", ["prefill", "chunk", "decode", "padded"])
 def test_tile_classes_and_skipped_work(case):
-    """Only boundary tiles compute two products; tiles past the diagonal and before the padding are skipped."""
+    """Only boundary tiles compute two products; tiles past the diagonal and before the padding are
+    skipped."""
     valid = None
     if case == "padded":
         valid = torch.ones(2, 200, dtype=torch.bool)
@@ -188,9 +189,12 @@ def test_supports_and_fallback(caplog, monkeypatch):
         assert select_backend("triton", inp).name == "cpu"
     assert "backend 'triton' cannot run this input (head dim 32" in caplog.text
     # ... but an unsupported dtype is a configuration error
-    with pytest.raises(ValueError, match=r"does not support dtype torch.float64; supported dtypes: float16, bfloat16, float32"):
+    with pytest.raises(ValueError,
+                       match=r"does not support dtype torch.float64; supported dtypes: float16, bfloat16, "
+                             r"float32"):
         select_backend("triton", make_inputs(1, 4, 2, 40, 64, 8, 2, dtype=torch.float64))
-    assert select_backend("auto", make_inputs(1, 4, 2, 40, 64, 8, 2)).name == "cpu"  # auto on CPU: never triton
+    # auto on CPU: never triton
+    assert select_backend("auto", make_inputs(1, 4, 2, 40, 64, 8, 2)).name == "cpu"
 
 
 def test_backend_forward_matches_reference():
@@ -212,7 +216,8 @@ def _compiled_copy():
 
 
 def test_compiles_for_nvidia():
-    """Compile (not run) the kernel to cubin for sm_90 (bf16 prefill) and sm_80 (fp16 split decode), no GPU needed."""
+    """Compile (not run) the kernel to cubin for sm_90 (bf16 prefill) and sm_80 (fp16 split decode), no GPU
+    needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -228,11 +233,13 @@ def test_compiles_for_nvidia():
         pytest.skip("triton.backends not importable")
 
     fn = _compiled_copy()._selfextend_fwd
-    configs = [("bf16", 128, *tk._PREFILL_CONFIG[128], True, False, 90), ("fp16", 64, 16, *tk._DECODE_CONFIG[64], True, True, 80)]
+    configs = [("bf16", 128, *tk._PREFILL_CONFIG[128], True, False, 90),
+               ("fp16", 64, 16, *tk._DECODE_CONFIG[64], True, True, 80)]
     for dtype, dim, bm, bn, warps, stages, pad, split, arch in configs:
         sig = {name: "i32" for name in fn.arg_names}
         sig.update({p: f"*{dtype}" for p in ("Q", "K", "V", "QG", "KG")})
-        sig.update(QPOS="*i32", KPOS="*i32", KVALID="*i8", KFIRST="*i32", LSE="*fp32", TILES="*i32", qk_scale="fp32")
+        sig.update(QPOS="*i32", KPOS="*i32", KVALID="*i8", KFIRST="*i32", LSE="*fp32", TILES="*i32",
+                   qk_scale="fp32")
         sig["OUT"] = "*fp32" if split else f"*{dtype}"
         consts = dict(HKV=8, REP=4, HAS_PAD=pad, SPLIT=split, HEAD_DIM=dim, HEAD_DIM_V=dim, BLOCK_M=bm,
                       BLOCK_N=bn, COUNT_TILES=False)
