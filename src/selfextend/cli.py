@@ -168,6 +168,66 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _serve_method(model, args) -> str:
+    """Apply the method the flags ask for; returns the hint a too-long request gets."""
+    import selfextend
+
+    from .config import trained_length_of
+
+    if args.method and (args.group_size or args.window or args.no_extend):
+        raise ValueError("--method takes the place of -G/-W/--no-extend; give one of them")
+    if args.no_extend and (args.group_size or args.window or args.target_length):
+        raise ValueError("--no-extend serves the model as trained; drop -G/-W/--target-length, "
+                         "or --no-extend")
+    if args.no_extend:
+        return "the server runs the model as trained (--no-extend); restart it without --no-extend"
+    target = args.target_length or 4 * trained_length_of(model.config)
+    if args.method:
+        from .eval.runner import parse_method
+
+        spec = parse_method(args.method)
+        selfextend.apply(model, method=spec.name, target_length=target, **spec.params)
+        return "restart the server with a larger --target-length"
+    if args.group_size or args.window:
+        selfextend.apply(model, group_size=args.group_size, window=args.window,
+                         target_length=args.target_length, backend=args.backend)
+        return "restart the server with a larger -G (group size)"
+    selfextend.apply(model, target_length=target, backend=args.backend)
+    return "restart the server with a larger --target-length"
+
+
+def cmd_serve(args) -> int:
+    import logging
+    from pathlib import Path
+
+    from .serve import require
+
+    require()
+    import uvicorn
+
+    import selfextend
+
+    from .serve.app import create_app
+    from .serve.engine import Engine
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port; use 1..65535 (0: any free port)")
+    if args.cache_mb < 0 or args.max_queue < 1:
+        raise ValueError("--cache-mb must be >= 0 and --max-queue >= 1")
+    model, tokenizer = _load(args)
+    hint = _serve_method(model, args)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("selfextend").setLevel(logging.INFO)
+    engine = Engine(model, tokenizer, cache_bytes=args.cache_mb * 2**20, extend_hint=hint)
+    name = args.name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
+    app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
+    active = selfextend.active(model)
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1, reading up to {engine.reach} tokens "
+          f"({'vanilla' if active is None else active.name}); Ctrl-C stops", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.grace)
+    return 0
+
+
 def cmd_tune(args) -> int:
     from .eval.tune import tune
 
@@ -257,6 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true",
                    help="do not save the winner for apply(target_length=...)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions) "
+                       "with prefix caching")
+    common(p)
+    p.add_argument("--target-length", type=int, default=None,
+                   help="longest prompt + answer to read (default: 4x the trained length)")
+    p.add_argument("-G", "--group-size", type=int, default=None)
+    p.add_argument("-W", "--window", type=int, default=None)
+    p.add_argument("--method", default=None,
+                   help="another method, NAME or NAME:key=value:... (see `selfextend methods`), e.g. yarn")
+    p.add_argument("--no-extend", action="store_true", help="vanilla attention")
+    p.add_argument("--backend", default="auto", choices=available_backends())
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--name", default=None, help="model name clients ask for (default: the model file's name)")
+    p.add_argument("--cache-mb", type=int, default=2048,
+                   help="prefix cache bound in MiB (0: no prefix cache)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond it get HTTP 503")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds Ctrl-C waits for running requests")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -266,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
