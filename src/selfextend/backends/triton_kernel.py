@@ -25,10 +25,10 @@ One kernel, ``_selfextend_fwd``, serves prefill, chunked prefill and decode:
 
 RoPE: the kernel consumes the grouped q/k that ``SelfExtendInputs`` already carries (rotated by fp32
 deltas in ``rope.py``; grouped keys are rotated once per key, in the KV cache, by
-``cache.GroupedCache``). Rotating inside the kernel would need every RoPE layout variant (rotate-half,
-interleaved, partial rotary, per layer-type frequencies) re-implemented in Triton and would re-rotate
-each key tile for every query tile that reads it; it would save the grouped-key copy (0.5x KV memory
-while decoding), which is the natural next step once it can be measured on a GPU.
+``integrations.hf.grouped_cache.GroupedCache``). Rotating inside the kernel would need every RoPE
+layout variant (rotate-half, interleaved, partial rotary, per layer-type frequencies) re-implemented in
+Triton and would re-rotate each key tile for every query tile that reads it; it would save the grouped-key
+copy (0.5x KV memory while decoding), which is the natural next step once it can be measured on a GPU.
 
 Positions are per row (``query_pos``, ``key_pos``, ``key_valid``), so left padding, batches of different
 lengths and chunked prefill (``q_start > 0``) need nothing special. Causality is by index
