@@ -209,6 +209,13 @@ def test_bad_requests_are_clear_4xx(live, body, status, needle):
     assert live.client().completions.create(model=NAME, prompt="still serving?", max_tokens=2).choices
 
 
+def test_unknown_routes_answer_in_openai_shape(live):
+    r = httpx.post(live.url + "/v1/embeddings", json={"model": NAME, "input": "x"})
+    assert r.status_code == 404 and "/v1/embeddings" in r.json()["error"]["message"]
+    r = httpx.get(live.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_chat_bad_requests(live):
     client = live.client()
     with pytest.raises(openai.BadRequestError, match="messages"):
