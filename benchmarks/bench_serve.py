@@ -105,7 +105,7 @@ def main() -> int:
         print(f"prefix cache, {length}-token document: time to first token {ttft1:.2f} s, then {ttft2:.2f} s "
               f"with the document cached: {ttft2 / ttft1:.3f}x (target <= {TARGETS['ttft_ratio']})")
 
-        short = questions[0].strip() + " Explain in detail."
+        short = "The story of a lighthouse keeper who found a message in a bottle. Once upon a time,"
         ids = tokenizer(short, add_special_tokens=False).input_ids
         ratios, server_tps, generate_tps = [], [], []
         for _ in range(args.rounds):
@@ -118,6 +118,9 @@ def main() -> int:
             server_tps.append(n_server / t_server)
             generate_tps.append(n_generate / t_generate)
             ratios.append(server_tps[-1] / generate_tps[-1])
+            if n_server != n_generate:
+                print(f"warning: {n_server} tokens from the server, {n_generate} from generate",
+                      file=sys.stderr)
         ratio = statistics.median(ratios)
         row.update(server_tokens_per_s=round(statistics.median(server_tps), 2),
                    generate_tokens_per_s=round(statistics.median(generate_tps), 2),

@@ -108,9 +108,13 @@ def test_corrupt_line_is_skipped_reported_and_rerun(model, tokenizer, tmp_path, 
     path.write_text(lines[0] + "\n" + '{"task": "passkey", "meth' + "\n")  # second row lost mid-write
     with caplog.at_level(logging.WARNING, logger="selfextend"):
         rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
-    assert "skipped 1 corrupt line" in caplog.text
+    assert "skipped 1 corrupt line" in caplog.text and "removed 1 corrupt line" in caplog.text
     assert len(rows) == 2
-    assert report_mod.write_results(tmp_path, "passkey")["corrupt_lines"] == [2]
+    # repaired once by the run that re-ran it: no warning forever after
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selfextend"):
+        assert report_mod.write_results(tmp_path, "passkey")["corrupt_lines"] == []
+    assert "corrupt" not in caplog.text
 
 
 def test_report_rerenders_from_jsonl(model, tokenizer, tmp_path, capsys):
@@ -129,7 +133,9 @@ def test_report_rerenders_from_jsonl(model, tokenizer, tmp_path, capsys):
     [
         (lambda: parse_method("rope-magic"), "Unknown method 'rope-magic'. Available: "),
         (lambda: parse_method("self-extend:gruop_size=4"), "has no parameter 'gruop_size'"),
-        (lambda: parse_method("yarn:factor=big"), "is not a float"),
+        (lambda: parse_method("yarn:factor=big"), "is not a number"),
+        (lambda: parse_method("yarn:factor=nan"), "is not a finite number"),
+        (lambda: parse_method("self-extend:temperature=ture"), "is not a boolean; use true/false"),
         (lambda: parse_length("16q"), "bad length"),
         (lambda: parse_depths("1.5"), "bad depths"),
     ],

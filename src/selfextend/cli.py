@@ -46,38 +46,48 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _apply_from_args(model, args) -> None:
+def _ask_extension(model, args, n_tokens: int) -> None:
+    """Apply what ``ask`` needs for this prompt, decided from its real length, not from the flags alone."""
     import selfextend
 
+    from .config import trained_length_of
+
+    L = trained_length_of(model.config)
+    needed = n_tokens + args.max_new_tokens
     if args.no_extend:
+        if needed > L:
+            print(f"warning: {n_tokens} prompt tokens + {args.max_new_tokens} new = {needed} are past the "
+                  f"trained context ({L}) and --no-extend reads them with vanilla attention: "
+                  "expect a poor answer",
+                  file=sys.stderr)
         return
-    if args.group_size or args.window:
-        selfextend.apply(model, group_size=args.group_size, window=args.window,
-                         target_length=args.target_length, backend=args.backend)
+    if args.target_length is not None and args.target_length < needed:
+        raise ValueError(f"--target-length {args.target_length} is shorter than this prompt: {n_tokens} "
+                         f"tokens + {args.max_new_tokens} new = {needed}; omit --target-length or pass "
+                         f">= {needed}")
+    target = args.target_length or needed
+    if args.group_size is not None or args.window is not None:
+        selfextend.apply(model, group_size=args.group_size, window=args.window, target_length=target,
+                         backend=args.backend)
+    elif needed <= L:
+        print(f"{n_tokens} prompt tokens + {args.max_new_tokens} new fit the trained context ({L}): "
+              "running vanilla attention", file=sys.stderr)
     else:
-        selfextend.apply(model, target_length=args.target_length, backend=args.backend)
+        selfextend.apply(model, target_length=target, backend=args.backend)
 
 
 def cmd_ask(args) -> int:
     from .generation import greedy_answer
 
     model, tokenizer = _load(args)
-    with open(args.file, encoding="utf-8") as f:
-        document = f.read()
+    document = args.file.text
     prompt = f"{document}\n\n{args.question}\n"
     if tokenizer.chat_template and not args.raw:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{document}\n\n{args.question}"}], tokenize=False,
             add_generation_prompt=True
         )
-    n_tokens = len(tokenizer(prompt).input_ids)
-    if args.target_length is None and not args.no_extend:
-        args.target_length = max(n_tokens + args.max_new_tokens, 1)
-    if (not args.no_extend and not (args.group_size or args.window)
-            and args.target_length <= model.config.max_position_embeddings):
-        print(f"{n_tokens} prompt tokens fit the trained context: running vanilla attention", file=sys.stderr)
-        args.no_extend = True
-    _apply_from_args(model, args)
+    _ask_extension(model, args, len(tokenizer(prompt).input_ids))
     answer = greedy_answer(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, stream=sys.stdout)
     print()
     print(
@@ -131,22 +141,32 @@ def cmd_methods(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     from .eval.report import markdown, plot, write_results
-    from .eval.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
+    from .eval.results import SAMPLES_FILE, read_rows
+    from .eval.runner import EvalConfig, run_eval
     from .eval.tasks import TASKS
+    from .eval.tasks.haystack import corpus_text
 
     task = TASKS.get(args.task)
-    methods = [parse_method(m) for m in args.methods.split(",") if m.strip()]
-    lengths = [parse_length(n) for n in args.lengths.split(",") if n.strip()]
+    methods, lengths = args.methods, args.lengths
     task_args = {}
     if task.kind == "ppl":
         task_args = {"corpus": args.corpus, "mode": args.mode, "bucket": args.bucket}
         if args.mode == "sliding":
             task_args.update(window=args.window, stride=args.stride)
-    config = EvalConfig(args.task, methods, lengths, parse_depths(args.depths), args.samples, args.seed,
+        corpus_text(args.corpus)  # a missing corpus fails before the model loads
+    config = EvalConfig(args.task, methods, lengths, args.depths, args.samples, args.seed,
                         task_args, args.model or "embedded:SmolLM2-135M-Instruct", args.dtype)
     model, tokenizer = _load(args)
-    run_eval(model, tokenizer, config, args.out)
+    try:
+        run_eval(model, tokenizer, config, args.out)
+    except KeyboardInterrupt:
+        done = len(read_rows(Path(args.out) / SAMPLES_FILE.format(task=args.task))[0])
+        print(f"interrupted: {done} samples saved to {args.out}; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
     result = write_results(args.out, args.task, config={
         "task": args.task, "methods": [m.label for m in methods], "lengths": lengths, "depths": config.depths,
         "samples": args.samples, "seed": args.seed, "task_args": task_args, "model": config.model_name,
@@ -174,18 +194,11 @@ def _serve_method(model, args) -> str:
 
     from .config import trained_length_of
 
-    if args.method and (args.group_size or args.window or args.no_extend):
-        raise ValueError("--method takes the place of -G/-W/--no-extend; give one of them")
-    if args.no_extend and (args.group_size or args.window or args.target_length):
-        raise ValueError("--no-extend serves the model as trained; drop -G/-W/--target-length, "
-                         "or --no-extend")
     if args.no_extend:
         return "the server runs the model as trained (--no-extend); restart it without --no-extend"
     target = args.target_length or 4 * trained_length_of(model.config)
     if args.method:
-        from .eval.runner import parse_method
-
-        spec = parse_method(args.method)
+        spec = args.method
         selfextend.apply(model, method=spec.name, target_length=target, **spec.params)
         return "restart the server with a larger --target-length"
     if args.group_size or args.window:
@@ -210,10 +223,6 @@ def cmd_serve(args) -> int:
     from .serve.app import create_app
     from .serve.engine import Engine
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port} is not a TCP port; use 1..65535 (0: any free port)")
-    if args.cache_mb < 0 or args.max_queue < 1:
-        raise ValueError("--cache-mb must be >= 0 and --max-queue >= 1")
     model, tokenizer = _load(args)
     hint = _serve_method(model, args)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
@@ -232,72 +241,90 @@ def cmd_tune(args) -> int:
     from .eval.tune import tune
 
     model, tokenizer = _load(args)
-    tune(model, tokenizer, args.target_length, budget_minutes=args.budget_minutes, depths=args.depths,
-         seed=args.seed, out=args.out, save=not args.no_save, max_candidates=args.max_candidates)
+    try:
+        tune(model, tokenizer, args.target_length, budget_minutes=args.budget_minutes,
+             depths=",".join(map(str, args.depths)), seed=args.seed, out=args.out, save=not args.no_save,
+             max_candidates=args.max_candidates)
+    except KeyboardInterrupt:
+        where = f"; the rows so far are in {args.out}: re-run the same command to resume" if args.out else ""
+        print(f"interrupted: nothing saved as tuned settings{where}", file=sys.stderr)
+        return 130
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import cli_args as check
     from .backends import available_backends
 
-    parser = argparse.ArgumentParser(prog="selfextend",
-                                     description="Training-free context extension (SelfExtend).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = check.Parser(prog="selfextend", description="Training-free context extension (SelfExtend).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=check.Parser)
 
     def common(p):
-        p.add_argument("--model", default=None,
-                       help="model dir, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--model", default=None, type=check.model_ref,
+                       help="model dir, .gguf file or a hub id already cached (default: embedded "
+                            "SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        p.add_argument("--threads", type=check.positive_int, default=None,
+                       help="torch threads (default: torch's choice)")
+
+    def extension(p, target_help: str):
+        p.add_argument("--target-length", type=check.positive_int, default=None, help=target_help)
+        p.add_argument("-G", "--group-size", type=check.positive_int, default=None, help="SelfExtend's G")
+        p.add_argument("-W", "--window", type=check.positive_int, default=None, help="SelfExtend's W")
+        p.add_argument("--no-extend", action="store_true", help="vanilla attention")
+        p.add_argument("--backend", default="auto", choices=available_backends(), help="attention backend")
 
     p = sub.add_parser("info", help="trained length, RoPE settings, reach and recommended G/W")
     common(p)
-    p.add_argument("--target-length", type=int, action="append", help="lengths to recommend settings for")
+    p.add_argument("--target-length", type=check.positive_int, action="append",
+                   help="lengths to recommend settings for (repeatable; default 2L, 4L, 8L)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("ask", help="answer a question about a long document")
     common(p)
     p.add_argument("question")
-    p.add_argument("--file", required=True)
-    p.add_argument("--target-length", type=int, default=None)
-    p.add_argument("-G", "--group-size", type=int, default=None)
-    p.add_argument("-W", "--window", type=int, default=None)
-    p.add_argument("--no-extend", action="store_true", help="vanilla attention")
-    p.add_argument("--backend", default="auto", choices=available_backends())
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--file", required=True, type=check.text_file, help="UTF-8 text file, or - for stdin")
+    extension(p, "tokens to read (default: the prompt's length + --max-new-tokens)")
+    p.add_argument("--max-new-tokens", type=check.positive_int, default=128)
     p.add_argument("--raw", action="store_true", help="no chat template")
-    p.set_defaults(func=cmd_ask)
+    p.set_defaults(func=cmd_ask, check=check.check_extension_flags)
 
     p = sub.add_parser("demo", help="passkey past the trained length: vanilla vs SelfExtend")
     common(p)
-    p.add_argument("--length", type=int, default=DEMO_LENGTH)
-    p.add_argument("--depth", type=float, default=DEMO_DEPTH)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length", type=check.positive_int, default=DEMO_LENGTH, help="haystack tokens")
+    p.add_argument("--depth", type=check.fraction, default=DEMO_DEPTH, help="where the key sits (0..1)")
+    p.add_argument("--seed", type=check.non_negative_int, default=0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("methods", help="list the context-extension methods and their parameters")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("eval",
-                       help="run a task over methods x lengths x depths; resumable JSONL, tables, plots")
+    p = sub.add_parser("eval", help="run a task over methods x lengths x depths; resumable JSONL, tables, "
+                       "plots")
     common(p)
-    p.add_argument("task", help="passkey, niah, niah_single, ..., ppl (see selfextend.eval.tasks.TASKS)")
-    p.add_argument("--methods", default="vanilla,self-extend", help="comma list; NAME or NAME:key=value:...")
-    p.add_argument("--lengths", default="4k,8k,16k", help="comma list of lengths in tokens (4k = 4096)")
-    p.add_argument("--depths", default="5", help="a count (evenly 0.05..0.95) or a comma list of fractions")
-    p.add_argument("--samples", type=int, default=1, help="samples per cell (seeds seed, seed+1, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="results directory; re-running with it resumes")
+    p.add_argument("task", type=check.task_name, help="passkey, niah, niah_single, ..., ppl "
+                   "(see selfextend.eval.tasks.TASKS)")
+    p.add_argument("--methods", default=check.methods("vanilla,self-extend"), type=check.methods,
+                   help="comma list; NAME or NAME:key=value:... (default: vanilla,self-extend)")
+    p.add_argument("--lengths", default=check.lengths("4k,8k,16k"), type=check.lengths,
+                   help="comma list of lengths in tokens, 4k = 4096 (default: 4k,8k,16k)")
+    p.add_argument("--depths", default=check.depths("5"), type=check.depths,
+                   help="a count (evenly 0.05..0.95) or a comma list of fractions (default: 5)")
+    p.add_argument("--samples", type=check.positive_int, default=1,
+                   help="samples per cell (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=check.non_negative_int, default=0)
+    p.add_argument("--out", required=True, type=check.out_dir,
+                   help="results directory; re-running with it resumes")
     p.add_argument("--corpus", default="pydoc", help="ppl: pydoc, stdlib, essays or a text file path")
     p.add_argument("--mode", default="single-pass", choices=["single-pass", "sliding"], help="ppl mode")
-    p.add_argument("--bucket", type=int, default=2048, help="ppl: tokens per position bucket")
-    p.add_argument("--window", type=int, default=None, help="ppl sliding: window tokens")
-    p.add_argument("--stride", type=int, default=None, help="ppl sliding: stride tokens")
+    p.add_argument("--bucket", type=check.positive_int, default=2048, help="ppl: tokens per position bucket")
+    p.add_argument("--window", type=check.positive_int, default=None, help="ppl sliding: window tokens")
+    p.add_argument("--stride", type=check.positive_int, default=None, help="ppl sliding: stride tokens")
     p.add_argument("--no-plots", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, check=check.check_eval_flags)
 
     p = sub.add_parser("report", help="re-render tables and plots from a results directory")
-    p.add_argument("dir")
+    p.add_argument("dir", type=check.results_dir)
     p.add_argument("--task", action="append", default=None,
                    help="only these tasks (default: every samples file)")
     p.add_argument("--no-plots", action="store_true")
@@ -305,15 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="pick group_size and window for a model and length from a seeded sweep")
     common(p)
-    p.add_argument("--target-length", type=int, required=True)
-    p.add_argument("--budget-minutes", type=float, default=30.0)
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="passkey probe depths")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the sweep rows (JSONL) and the ranked table here; "
-                   "re-running with the same --out resumes")
-    p.add_argument("--max-candidates", type=int, default=None,
-                   help="try at most this many (G, W), nearest the authors' rule first "
-                        "(default: until the budget)")
+    p.add_argument("--target-length", type=check.positive_int, required=True)
+    p.add_argument("--budget-minutes", type=check.positive_float, default=30.0)
+    p.add_argument("--depths", type=check.depths, default=check.depths("0.1,0.5,0.9"),
+                   help="passkey probe depths (default: 0.1,0.5,0.9)")
+    p.add_argument("--seed", type=check.non_negative_int, default=0)
+    p.add_argument("--out", default=None, type=check.out_dir,
+                   help="also write the sweep rows (JSONL) and the ranked table here; re-running with "
+                        "the same --out resumes")
+    p.add_argument("--max-candidates", type=check.positive_int, default=None,
+                   help="try at most this many (G, W), nearest the authors' rule first (default: until the "
+                        "budget)")
     p.add_argument("--no-save", action="store_true",
                    help="do not save the winner for apply(target_length=...)")
     p.set_defaults(func=cmd_tune)
@@ -321,32 +350,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions) "
                        "with prefix caching")
     common(p)
-    p.add_argument("--target-length", type=int, default=None,
-                   help="longest prompt + answer to read (default: 4x the trained length)")
-    p.add_argument("-G", "--group-size", type=int, default=None)
-    p.add_argument("-W", "--window", type=int, default=None)
-    p.add_argument("--method", default=None,
+    extension(p, "longest prompt + answer to read (default: 4x the trained length)")
+    p.add_argument("--method", default=None, type=check.method,
                    help="another method, NAME or NAME:key=value:... (see `selfextend methods`), e.g. yarn")
-    p.add_argument("--no-extend", action="store_true", help="vanilla attention")
-    p.add_argument("--backend", default="auto", choices=available_backends())
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=check.port, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--name", default=None, help="model name clients ask for (default: the model file's name)")
-    p.add_argument("--cache-mb", type=int, default=2048,
+    p.add_argument("--cache-mb", type=check.non_negative_int, default=2048,
                    help="prefix cache bound in MiB (0: no prefix cache)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond it get HTTP 503")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds Ctrl-C waits for running requests")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--max-queue", type=check.positive_int, default=16,
+                   help="requests waiting beyond it get HTTP 503")
+    p.add_argument("--grace", type=check.positive_float, default=30.0,
+                   help="seconds Ctrl-C waits for running requests")
+    p.set_defaults(func=cmd_serve, check=check.check_extension_flags)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:  # argparse exits on a bad flag: one "error:" line (cli_args.Parser), exit code 2
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "check", None) is not None:
+            args.check(args)  # flags that contradict each other, still before any model loads
         return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -52,6 +52,8 @@ def check_number(name: str, value: Any, *, minimum: float, strict: bool = False,
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}{'; ' + fix if fix else ''}")
     if value < minimum or (strict and value == minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, "
                          f"got {value}{'; ' + fix if fix else ''}")
@@ -67,6 +69,11 @@ def check_bool(name: str, value: Any) -> bool:
 # --- SelfExtend -----------------------------------------------------------------------------------------
 
 
+# The largest group size published SelfExtend results use: the authors' examples run G=32 (Llama-2 to 32k+),
+# the LCEG study (arXiv 2409.12181) G=64. Larger G is refused unless asked for: nobody has shown it works.
+MAX_GROUP_SIZE = 64
+
+
 @dataclass(frozen=True)
 class SelfExtendConfig:
     group_size: int  # G: grouped positions are floor(pos / G)
@@ -76,6 +83,7 @@ class SelfExtendConfig:
     # past the reach: warn (positions leave the trained range) instead of raising
     allow_overflow: bool = False
     temperature: bool = False  # logits x (0.1 ln s + 1)^2 for queries past L, s = (pos + 1) / L
+    allow_large_group_size: bool = False  # group_size past MAX_GROUP_SIZE: untested territory, opt-in
 
     @property
     def max_length(self) -> int:
@@ -99,6 +107,7 @@ def selfextend_config(model_config, params: Mapping[str, Any],
                                           params.get("trained_length"))
     backend, allow_overflow = params.get("backend", "auto"), params.get("allow_overflow", False)
     temperature = params.get("temperature", False)
+    allow_large = params.get("allow_large_group_size", False)
     L = trained_length if trained_length is not None else trained_length_of(model_config)
     check_number("trained_length", L, minimum=2, integer=True)
     check_backend_name(backend, "self-extend")
@@ -134,8 +143,17 @@ def selfextend_config(model_config, params: Mapping[str, Any],
         )
     check_number("group_size", group_size, minimum=1, integer=True)
     check_bool("temperature", temperature)
+    check_bool("allow_overflow", allow_overflow)
+    check_bool("allow_large_group_size", allow_large)
+    if group_size > MAX_GROUP_SIZE and not allow_large:
+        why = f"target_length={target_length} needs" if params.get("group_size") is None else "you asked for"
+        raise ValueError(
+            f"{why} group_size={group_size}, past {MAX_GROUP_SIZE}, the largest group size published "
+            "SelfExtend results use; lower target_length (or raise window), or pass "
+            "allow_large_group_size=True to try it."
+        )
 
-    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature)
+    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature, allow_large)
     if target_length is not None and target_length > cfg.max_length:
         raise ValueError(
             f"target_length={target_length} exceeds the reach ({L}-{window})*{group_size}+{window} = "

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .results import RESULTS_FILE, SAMPLES_FILE, latest_rows, read_rows
+from .results import RESULTS_FILE, RUN_FILE, SAMPLES_FILE, latest_rows, read_rows, write_json_atomic
 
 
 def _ordered(values):
@@ -21,11 +21,16 @@ def _ordered(values):
     return seen
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{method: {length: cell}}`` in first-seen method order; ``cell`` has accuracy (retrieval) or ppl."""
+def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None) -> dict[str, Any]:
+    """``{method: {length: cell}}`` in first-seen method order; ``cell`` has accuracy (retrieval) or ppl.
+
+    ``cells`` (from the run file: ``"method|length" -> samples asked for``) adds ``expected`` and ``missing``
+    to every cell a run asked for, including those with no row yet."""
     rows = list(latest_rows(rows).values())
-    methods = _ordered(r["method"] for r in rows)
-    lengths = sorted({int(r["length"]) for r in rows})
+    cells = cells or {}
+    planned = [(k.rsplit("|", 1)[0], int(k.rsplit("|", 1)[1])) for k in cells]
+    methods = _ordered([r["method"] for r in rows] + [m for m, _ in planned])
+    lengths = sorted({int(r["length"]) for r in rows} | {n for _, n in planned})
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
         table[method] = {}
@@ -58,10 +63,18 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "bucket": cell_rows[0]["bucket"], "bucket_ppl": [math.exp(b) for b in bucket_nll],
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
                 }
+    missing = 0
+    for key, expected in cells.items():
+        method, length = key.rsplit("|", 1)
+        cell = table[method].setdefault(length, {"n": 0})
+        cell["expected"] = expected
+        cell["missing"] = max(0, expected - cell["n"])
+        missing += cell["missing"]
     params = {r["method"]: {} for r in rows}
     for r in rows:
         params[r["method"]][str(r["length"])] = r.get("params", {})
-    return {"methods": methods, "lengths": lengths, "results": table, "params": params, "n_rows": len(rows)}
+    return {"methods": methods, "lengths": lengths, "results": table, "params": params, "n_rows": len(rows),
+            "missing": missing, "expected": sum(cells.values())}
 
 
 def markdown(summary: dict[str, Any], task: str) -> str:
@@ -73,13 +86,18 @@ def markdown(summary: dict[str, Any], task: str) -> str:
         cells = []
         for n in lengths:
             cell = summary["results"][method].get(str(n))
-            if cell is None:
-                cells.append("-")
+            gap = f"{cell['missing']} missing" if cell and cell.get("missing") else ""
+            if cell is None or cell["n"] == 0:
+                cells.append(f"- ({gap})" if gap else "-")
             elif "accuracy" in cell:
-                cells.append(f"{cell['accuracy']:.2f} ({cell['correct']:g}/{cell['n']})")
+                suffix = f"; {gap})" if gap else ")"
+                cells.append(f"{cell['accuracy']:.2f} ({cell['correct']:g}/{cell['n']}{suffix}")
             else:
-                cells.append(f"{cell['ppl']:.2f}")
+                cells.append(f"{cell['ppl']:.2f}" + (f" ({gap})" if gap else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if summary.get("missing"):
+        lines.append(f"\n{summary['missing']} of {summary['expected']} samples the runs asked for are "
+                     "missing (interrupted?): re-run the same eval command to complete them.")
     return "\n".join(lines)
 
 
@@ -106,9 +124,19 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
     rows, bad = read_rows(out / SAMPLES_FILE.format(task=task))
     if not rows:
         raise ValueError(f"no results for task {task!r} in {out} (expected {SAMPLES_FILE.format(task=task)})")
-    summary = summarize(rows)
+    run = out / RUN_FILE.format(task=task)
+    cells = {}
+    if run.exists():
+        try:
+            cells = json.loads(run.read_text(encoding="utf-8")).get("cells", {})
+        except (OSError, json.JSONDecodeError):
+            cells = {}
+    summary = summarize(rows, cells)
     path = out / RESULTS_FILE.format(task=task)
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        previous = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        previous = {}  # a torn results file is rebuilt from the samples
     from .runner import versions
 
     result = {
@@ -119,7 +147,7 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
         "corrupt_lines": bad,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    path.write_text(json.dumps(result, indent=2, sort_keys=False))
+    write_json_atomic(path, result)
     return result
 
 
@@ -138,7 +166,7 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
     if any("accuracy" in c for m in results.values() for c in m.values()):
         methods = summary["methods"]
         lengths = summary["lengths"]
-        depths = sorted({d for m in results.values() for c in m.values() for d in c["by_depth"]},
+        depths = sorted({d for m in results.values() for c in m.values() for d in c.get("by_depth", {})},
                         key=lambda d: -1.0 if d == "None" else float(d))
         fig, axes = plt.subplots(1, len(methods), sharey=True, squeeze=False,
                                  figsize=(1.5 + (0.55 * len(lengths) + 0.5) * len(methods),
@@ -172,7 +200,7 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
             fig, ax = plt.subplots(figsize=(7, 4))
             for method in summary["methods"]:
                 cell = results[method].get(str(length))
-                if cell is None:
+                if cell is None or "bucket_ppl" not in cell:  # not run (yet)
                     continue
                 b = cell["bucket"]
                 xs = [(i + 0.5) * b / 1024 for i in range(len(cell["bucket_ppl"]))]

@@ -1,12 +1,21 @@
 """Results on disk: one JSONL row per sample, appended and flushed as it is made, so a crash or Ctrl-C loses
 nothing written; a resumed run skips rows already there. Corrupt lines (a write cut short) are skipped and
-reported, never fatal."""
+reported, never fatal, and the next run that writes the file removes them (once).
+
+Beside the samples, ``run_<task>.json`` records what made them (the run's identity: model, its size, dtype,
+seed, task parameters) and every cell a run asked for, so a re-run with other settings is refused instead of
+pooled, and ``report`` can say which cells are missing. One writer at a time: ``lock`` holds an OS lock on
+``.lock_<task>`` (released by the kernel if the process dies). Every JSON file is written atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +23,64 @@ logger = logging.getLogger("selfextend")
 
 SAMPLES_FILE = "samples_{task}.jsonl"
 RESULTS_FILE = "results_{task}.json"
+RUN_FILE = "run_{task}.json"
+LOCK_FILE = ".lock_{task}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over: no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def lock(out: Path, task: str) -> Iterator[None]:
+    """Hold the writer's lock on ``out`` for ``task``, or refuse at once when another process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE.format(task=task)
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"another eval ({holder}) is writing {task} results to {out}; wait for it to "
+                             "finish or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_corrupt_lines(path: Path) -> int:
+    """Rewrite the samples file without its corrupt lines (atomically); returns how many were removed."""
+    rows, bad = read_rows(path)
+    if not bad:
+        return 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logger.warning("selfextend: removed %d corrupt line(s) from %s; their samples will be re-run",
+                   len(bad), path)
+    return len(bad)
 
 
 def row_key(row: dict[str, Any]) -> tuple:

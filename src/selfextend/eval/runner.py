@@ -7,6 +7,7 @@ every method, so all methods answer exactly the same prompts.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -18,7 +19,17 @@ import torch
 
 from .. import api
 from ..methods import METHODS
-from .results import SAMPLES_FILE, SampleWriter, latest_rows, read_rows, row_key
+from .results import (
+    RUN_FILE,
+    SAMPLES_FILE,
+    SampleWriter,
+    latest_rows,
+    lock,
+    read_rows,
+    remove_corrupt_lines,
+    row_key,
+    write_json_atomic,
+)
 from .tasks import TASKS, Sample
 
 
@@ -46,15 +57,32 @@ def parse_method(spec: str) -> MethodSpec:
         key = ALIASES.get(key, key)
         if key not in types:
             raise ValueError(f"method {name!r} has no parameter {key!r}; its parameters: {', '.join(types)}")
-        kind = types[key]
-        if kind is bool:
-            params[key] = value.lower() in ("1", "true", "yes")
-        else:
-            try:
-                params[key] = kind(value)
-            except ValueError as exc:
-                raise ValueError(f"method spec {spec!r}: {key}={value!r} is not a {kind.__name__}") from exc
+        try:
+            params[key] = parse_value(types[key], value)
+        except ValueError as exc:
+            raise ValueError(f"method spec {spec!r}: {key}={value!r} {exc}") from None
     return MethodSpec(spec.strip(), name, params)
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+            "off": False}
+
+
+def parse_value(kind: type, text: str) -> Any:
+    """A method option's value, strictly: booleans from a fixed vocabulary, finite numbers only."""
+    if kind is bool:
+        if text.lower() not in BOOLEANS:
+            raise ValueError("is not a boolean; use true/false (or 1/0, yes/no, on/off)")
+        return BOOLEANS[text.lower()]
+    if kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise ValueError("is not a finite number")
+        return value
+    return kind(text)
 
 
 def parse_length(text: str) -> int:
@@ -127,6 +155,14 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
         from .tasks.haystack import corpus_text
 
         corpus_text(config.task_args.get("corpus", "pydoc"))  # a missing corpus fails before any model run
+    with lock(out, config.task):
+        record_run(out, config)
+        remove_corrupt_lines(path)
+        return _run(model, tokenizer, config, task, path, resolved, progress)
+
+
+def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
+         progress: bool) -> list[dict[str, Any]]:
     done = latest_rows(read_rows(path)[0])
     cells = plan(config)
     todo = [c for c in cells if _key(config, c) not in done]
@@ -167,6 +203,74 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
         bar.close()
         api.remove(model)
     return read_rows(path)[0]
+
+
+IDENTITY = ("model", "model_bytes", "dtype", "seed", "task_args")  # rows made otherwise must not be pooled
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """The model as the samples file knows it: its name (path or hub id) and its size on disk (0: unknown)."""
+    path = None
+    if name.startswith("embedded:"):
+        from ..models import default_model_path
+
+        try:
+            path = default_model_path()
+        except FileNotFoundError:
+            path = None
+    elif name:
+        path = Path(name)
+    size = 0
+    if path is not None and path.is_file():
+        size = path.stat().st_size
+    elif path is not None and path.is_dir():
+        size = sum(p.stat().st_size for p in path.iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") and p.is_file())
+    return {"model": name, "model_bytes": size}
+
+
+def run_identity(config: EvalConfig) -> dict[str, Any]:
+    return {**model_identity(config.model_name), "dtype": config.dtype, "seed": config.seed,
+            "task_args": json.loads(json.dumps(config.task_args, sort_keys=True, default=str))}
+
+
+def record_run(out: Path, config: EvalConfig) -> None:
+    """Refuse to add rows to a samples file made by another run (model, dtype, seed, task parameters);
+    otherwise record this run's identity and the cells it asks for (``report`` counts the missing ones)."""
+    path = out / RUN_FILE.format(task=config.task)
+    samples = out / SAMPLES_FILE.format(task=config.task)
+    identity = run_identity(config)
+    previous: dict[str, Any] = {}
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            previous = {}  # unreadable: rebuilt from this run (the rows are checked below)
+    recorded = previous.get("identity")
+    if recorded is None:  # results from before run files: the rows carry model, dtype and seed
+        rows = read_rows(samples)[0]
+        if rows:
+            first = rows[0]
+            recorded = {"model": first.get("model", ""), "dtype": first.get("dtype", config.dtype),
+                        "seed": int(first.get("seed", 0)) - int(first.get("sample", 0))}
+    if recorded is not None:
+        differ = [k for k in IDENTITY if k in recorded and recorded[k] != identity[k]
+                  and not (k == "model_bytes" and 0 in (recorded[k], identity[k]))]
+        if differ:
+            was = ", ".join(f"{k}={recorded[k]!r}" for k in differ)
+            now = ", ".join(f"{k}={identity[k]!r}" for k in differ)
+            raise ValueError(f"{out} holds {config.task} samples made with {was}; this run has {now}. "
+                             "Results of different runs are never pooled: use another --out, or delete "
+                             f"{samples} to start over")
+    cells = dict(previous.get("cells", {}))
+    task = TASKS.get(config.task)
+    per_cell = (len(config.depths or [0.5]) if task.uses_depth else 1) * config.samples
+    for spec in config.methods:
+        for length in config.lengths:
+            key = f"{spec.label}|{length}"
+            cells[key] = max(cells.get(key, 0), per_cell)
+    write_json_atomic(path, {"task": config.task, "identity": identity, "versions": versions(),
+                             "cells": cells})
 
 
 def _key(config: EvalConfig, cell) -> tuple:

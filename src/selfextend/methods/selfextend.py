@@ -30,6 +30,7 @@ class SelfExtend(AttentionMethod):
         TRAINED_LENGTH,
         backend_param("self-extend"),
         Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
+        Param("allow_large_group_size", bool, False, "group_size past 64 (no published result uses more)"),
         Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
               "(as DCA/YaRN; not in the paper)"),
     )

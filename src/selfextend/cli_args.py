@@ -1,0 +1,231 @@
+"""The CLI's input checks: every flag is checked before a model loads, and a bad one is one line naming the
+flag, the value and the fix (exit code 2), never a traceback or a silent default.
+
+Each ``type=`` function here raises ``argparse.ArgumentTypeError`` with the fix; ``Parser`` prints argparse's
+"argument --flag: message" as one ``error:`` line. Checks that involve several flags are ``check_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and defaults shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int(text: str, minimum: int, what: str = "") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{what}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is below {minimum}{what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1, "; use an integer >= 1")
+
+
+def port(text: str) -> int:
+    value = _int(text, 0, "; use a TCP port 1..65535 (0: any free port)")
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; use 1..65535 (0: any free port)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return _int(text, 0, "; use an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must lie in [0, 1] (0 = start of the text, 1 = end)")
+    return value
+
+
+def lengths(text: str) -> list[int]:
+    from .eval.runner import parse_length
+
+    try:
+        values = [parse_length(n) for n in text.split(",") if n.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not values:
+        raise argparse.ArgumentTypeError("no lengths given; e.g. 4k,8k,16k")
+    return values
+
+
+def depths(text: str) -> list[float]:
+    from .eval.runner import parse_depths
+
+    try:
+        return parse_depths(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def methods(text: str) -> list:
+    from .eval.runner import parse_method
+
+    try:
+        specs = [parse_method(m) for m in text.split(",") if m.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not specs:
+        raise argparse.ArgumentTypeError("no methods given; e.g. vanilla,self-extend")
+    return specs
+
+
+def method(text: str):
+    specs = methods(text)
+    if len(specs) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: one method here, e.g. yarn or self-extend:G=4:W=1024")
+    return specs[0]
+
+
+def task_name(text: str) -> str:
+    from .eval.tasks import TASKS
+
+    try:
+        TASKS.get(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def results_dir(name: str) -> Path:
+    path = Path(name)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{name} is not a directory of results (the --out of an eval)")
+    return path
+
+
+@dataclass(frozen=True)
+class Document:
+    """A text file's name and content (``-``: standard input)."""
+
+    name: str
+    text: str
+
+
+def text_file(name: str) -> Document:
+    """A readable, UTF-8, non-empty text file, or ``-`` for standard input."""
+    if name == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"{name}: no such file")
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{name} is not a regular file; pass a text file "
+                                             "(or - for stdin)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except PermissionError:
+            raise argparse.ArgumentTypeError(f"{name}: permission denied") from None
+        except UnicodeDecodeError as err:
+            raise argparse.ArgumentTypeError(f"{name} is not UTF-8 text (byte {err.start}); convert it "
+                                             "first, e.g. iconv -t utf-8") from None
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{name} is empty; nothing to read")
+    return Document(name, text)
+
+
+def model_ref(name: str) -> str:
+    """A local model directory (with config.json), a .gguf file, or a hub id already in the local cache."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise argparse.ArgumentTypeError(f"{name} is a directory without config.json or a .gguf file: "
+                                             "not a model directory")
+        if path.is_file() and path.suffix != ".gguf":
+            raise argparse.ArgumentTypeError(f"{name} is a file but not a .gguf model; pass a model "
+                                             "directory or a .gguf file")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "", 1):
+        raise argparse.ArgumentTypeError(f"{name}: no such file or directory")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id=name, filename="config.json")
+    except Exception:  # noqa: BLE001 - an id the hub library refuses is not in the cache either
+        cached = None
+    if not isinstance(cached, str):
+        raise argparse.ArgumentTypeError(f"{name} is not found locally (no such path, not in the Hugging "
+                                         "Face cache) and this machine has no hub access; pass a local model "
+                                         "directory or a .gguf file")
+    return name
+
+
+def out_dir(name: str) -> Path:
+    """A directory that exists or can be created, and is writable."""
+    path = Path(name).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise argparse.ArgumentTypeError(f"{name}: {probe} is a file, so the folder cannot be created there; "
+                                         "pick another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{name}: {probe} is not writable; pick another --out")
+    return path
+
+
+def check_extension_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other in ``ask`` and ``serve``."""
+    flags = (("-G", args.group_size), ("-W", args.window), ("--target-length", args.target_length))
+    given = [f for f, v in flags if v is not None]
+    if args.no_extend and given:
+        raise ValueError(f"--no-extend runs the model as trained, so {', '.join(given)} would be ignored; "
+                     "drop one or the other")
+    if getattr(args, "method", None) and (args.group_size is not None or args.window is not None
+                                          or args.no_extend):
+        raise ValueError("--method takes the place of -G/-W/--no-extend; give one of them")
+
+
+def check_eval_flags(args: argparse.Namespace) -> None:
+    """``--window``/``--stride`` belong to ``--mode sliding`` (and it needs both); ppl flags need ppl."""
+    from .eval.tasks import TASKS
+
+    sliding = [f for f, v in (("--window", args.window), ("--stride", args.stride)) if v is not None]
+    if sliding and args.mode != "sliding":
+        raise ValueError(f"{' and '.join(sliding)} only {'apply' if len(sliding) > 1 else 'applies'} with "
+                         "--mode sliding; add it or drop them")
+    if args.mode == "sliding" and len(sliding) != 2:
+        raise ValueError("--mode sliding needs --window and --stride (e.g. --window 4096 --stride 2048)")
+    if args.mode == "sliding" and args.stride > args.window:
+        raise ValueError(f"--stride {args.stride} exceeds --window {args.window}: tokens would be skipped; "
+                     "use a stride <= the window")
+    if TASKS[args.task].kind != "ppl" and (sliding or args.mode != "single-pass"):
+        raise ValueError(f"--mode/--window/--stride are perplexity options; task {args.task!r} is not ppl")
