@@ -103,18 +103,21 @@ def cmd_demo(args) -> int:
 
     from .eval.tasks.passkey import make_passkey, score_passkey
     from .generation import greedy_answer
+    from .positions import smallest_group_size
 
     model, tokenizer = _load(args)
     sample = make_passkey(tokenizer, args.length, args.depth, seed=args.seed)
     L = model.config.max_position_embeddings
     print(f"passkey haystack: {sample.n_tokens} tokens (trained context {L}), "
           f"key {sample.expected[0]} at depth {sample.depth}")
+    # the demo's G=4, or the smallest G whose reach covers this haystack and the answer
+    group = max(DEMO_GROUP, smallest_group_size(sample.n_tokens + 8, L, DEMO_WINDOW))
     rows = []
-    for label in ("vanilla", f"SelfExtend G={DEMO_GROUP} W={DEMO_WINDOW}"):
+    for label in ("vanilla", f"SelfExtend G={group} W={DEMO_WINDOW}"):
         if label == "vanilla":
             selfextend.remove(model)
         else:
-            selfextend.apply(model, group_size=DEMO_GROUP, window=DEMO_WINDOW)
+            selfextend.apply(model, group_size=group, window=DEMO_WINDOW)
         t = time.perf_counter()
         ans = greedy_answer(model, tokenizer, sample.prompt, max_new_tokens=8)
         ok = score_passkey(ans.text, sample.expected[0])
