@@ -22,6 +22,7 @@ from .positions import (
     default_chunk_size,
     default_local_window,
     max_reach,
+    reach_formula,
     recommended_group_size,
     recommended_window,
     smallest_group_size,
@@ -156,8 +157,8 @@ def selfextend_config(model_config, params: Mapping[str, Any],
     cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature, allow_large)
     if target_length is not None and target_length > cfg.max_length:
         raise ValueError(
-            f"target_length={target_length} exceeds the reach ({L}-{window})*{group_size}+{window} = "
-            f"{cfg.max_length} of window={window}, group_size={group_size}; set group_size >= "
+            f"target_length={target_length} exceeds the reach {reach_formula(L, window, group_size)} "
+            f"of window={window}, group_size={group_size}; set group_size >= "
             f"{smallest_group_size(target_length, L, window)}."
         )
     return cfg

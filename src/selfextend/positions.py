@@ -35,15 +35,30 @@ def grouped_key_positions(pos: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def max_reach(trained_length: int, window: int, group_size: int) -> int:
-    """Longest sequence whose grouped query positions stay inside the trained range (paper Eq. 4)."""
-    return (trained_length - window) * group_size + window
+    """Longest sequence whose grouped query positions ``i // G + W - W // G`` all stay below L.
+
+    That is ``G * (L - W + W // G)``: the paper's ``(L - W) * G + W`` (Eq. 4, written for a float shift
+    ``W - W / G``) when G divides W, up to ``W % G`` tokens less otherwise; past it the last queries would
+    sit at position L, outside the trained range."""
+    return group_size * (trained_length - window + window // group_size)
+
+
+def reach_formula(trained_length: int, window: int, group_size: int) -> str:
+    """``max_reach`` written out for error messages."""
+    L, W, G = trained_length, window, group_size
+    if W % G == 0:
+        return f"({L}-{W})*{G}+{W} = {max_reach(L, W, G)}"
+    return f"{G}*({L}-{W}+{W}//{G}) = {max_reach(L, W, G)}"
 
 
 def smallest_group_size(target_length: int, trained_length: int, window: int) -> int:
     """Smallest G with ``max_reach(L, W, G) >= target_length``."""
     if target_length <= trained_length:
         return 1
-    return math.ceil((target_length - window) / (trained_length - window))
+    g = max(1, math.ceil((target_length - window) / (trained_length - window)))  # the paper's bound
+    while max_reach(trained_length, window, g) < target_length:  # W % G != 0 costs up to W % G tokens
+        g += 1
+    return g
 
 
 def recommended_window(trained_length: int) -> int:

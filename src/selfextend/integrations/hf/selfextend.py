@@ -14,7 +14,13 @@ import torch
 
 from ...backends import SelfExtendInputs, select_backend
 from ...config import SelfExtendConfig
-from ...positions import grouped_query_positions, padding_spans, query_temperature, smallest_group_size
+from ...positions import (
+    grouped_query_positions,
+    padding_spans,
+    query_temperature,
+    reach_formula,
+    smallest_group_size,
+)
 from .attention import AttentionCall, AttentionIntegration, ModelState
 from .grouped_cache import GroupedCache
 
@@ -74,8 +80,8 @@ def ends_contiguous(key_valid: torch.Tensor | None, written: int) -> bool:
 
 def _overflow(cfg: SelfExtendConfig, length: int) -> None:
     msg = (
-        f"{length} tokens exceed the reach ({cfg.trained_length}-{cfg.window})*{cfg.group_size}+{cfg.window}"
-        f" = {cfg.max_length} of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave "
+        f"{length} tokens exceed the reach {reach_formula(cfg.trained_length, cfg.window, cfg.group_size)}"
+        f" of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave "
         f"the trained range. Set group_size >= {smallest_group_size(length, cfg.trained_length, cfg.window)}"
     )
     if not cfg.allow_overflow:
