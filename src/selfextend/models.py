@@ -28,14 +28,35 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(name: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32, **kwargs):
+def distributed_config():
+    """Tensor parallelism over every process when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else None.
+
+    transformers splits heads and the KV cache across the ranks (gloo on CPU, NCCL on GPUs); the attention
+    functions receive each rank's local heads, so every method runs unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    from transformers.distributed import DistributedConfig
+
+    return DistributedConfig(tp_size=world)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torchrun`` launch, and always without one: the process that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_model(name: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
+               distributed=None, **kwargs):
     """Return ``(model, tokenizer)`` in eval mode.
 
     Args:
-        name: None for the embedded default; a ``.gguf`` file; a local directory; or a hub id (only if it is
-            already in the local cache: nothing is downloaded when ``HF_HUB_OFFLINE=1``).
+        name: None for the embedded default; a ``.gguf`` file; a local directory; or a hub id already in the
+            local cache (nothing is downloaded: a hub id loads with ``local_files_only=True``).
         dtype: ``torch.float32`` (default; exact on CPU) or ``torch.bfloat16``, or their names.
-        kwargs: forwarded to ``from_pretrained`` (e.g. ``attn_implementation``).
+        distributed: a transformers ``DistributedConfig`` (e.g. ``DistributedConfig(tp_size=2)`` under
+            ``torchrun``; ``distributed_config()`` builds it from the launch), or None for one process.
+        kwargs: forwarded to ``from_pretrained`` (e.g. ``attn_implementation``, ``device_map``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,12 +64,16 @@ def load_model(name: str | os.PathLike | None = None, dtype: torch.dtype | str =
         dtype = getattr(torch, dtype)
     path = default_model_path() if name is None else Path(name)
     load_kwargs = dict(kwargs)
+    if distributed is not None:
+        load_kwargs["distributed_config"] = distributed
     if path.suffix == ".gguf":
         directory, load_kwargs["gguf_file"] = str(path.parent), path.name
     else:
         directory = str(name)
-    tokenizer = AutoTokenizer.from_pretrained(directory,
-                                              **{k: v for k, v in load_kwargs.items() if k == "gguf_file"})
+        if not path.exists():  # a hub id: only what the local cache holds
+            load_kwargs.setdefault("local_files_only", True)
+    tokenizer_kwargs = {k: v for k, v in load_kwargs.items() if k in ("gguf_file", "local_files_only")}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **load_kwargs)
     model.eval()
     return model, tokenizer

@@ -55,7 +55,8 @@ def rotate_by(
     rd = 2 * half
     work = torch.promote_types(x.dtype, torch.float32)
     # angles in fp64: positions reach 1e5+ and an fp32 angle there is off by ~1e-2 rad
-    angle = delta.to(torch.float64)[:, None, :, None] * inv_freq.to(device=x.device, dtype=torch.float64)
+    angle = (delta.to(device=x.device, dtype=torch.float64)[:, None, :, None]
+             * inv_freq.to(device=x.device, dtype=torch.float64))
     cos, sin = angle.cos().to(work), angle.sin().to(work)  # (B, 1, T, rd/2)
     xr = x[..., :rd].to(work)
     if layout == "rotate_half":
@@ -77,7 +78,8 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
     work = torch.promote_types(x.dtype, torch.float32)
     dim = x.shape[-1]
     values = (delta.item(),) if delta.numel() == 1 else tuple(delta.flatten().tolist())
-    key = ("rotation", inv_freq.data_ptr(), inv_freq._version, layout, dim, work, tuple(delta.shape), values)
+    key = ("rotation", x.device, inv_freq.data_ptr(), inv_freq._version, layout, dim, work,
+           tuple(delta.shape), values)
     mat = memo.get(key)
     if mat is None:
         basis = (torch.eye(dim, dtype=work).expand(delta.shape[0], dim, dim)[:, :, None, :]

@@ -62,25 +62,26 @@ class MaskSpec:
         """Index in the key tensor of the first query."""
         return int(self.kwargs.get("q_offset", 0)) - int(self.kwargs.get("kv_offset", 0))
 
-    def key_valid(self, kv_len: int) -> torch.Tensor | None:
-        """(B, kv_len) bool padding mask, or None when nothing is padded."""
+    def key_valid(self, kv_len: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """(B, kv_len) bool padding mask on ``device``, or None when nothing is padded."""
         mask = self.kwargs.get("attention_mask")
         if mask is None:
             return None
         start = int(self.kwargs.get("kv_offset", 0))
-        mask = mask[:, start : start + kv_len].to(torch.bool)
+        mask = mask[:, start : start + kv_len].to(device=device, dtype=torch.bool)
         if mask.shape[1] < kv_len:  # static cache: slots past the mask are empty
             mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
         return None if bool(mask.all()) else mask
 
     def positions(self, query_pos: torch.Tensor, q_start: int, kv_len: int):
-        """``(key_valid, key_pos)`` for this forward, cached: every layer of a forward shares them."""
+        """``(key_valid, key_pos)`` for this forward on ``query_pos``'s device, cached: every layer of a
+        forward on that device shares them (a model split over devices gets one copy per device)."""
 
         def compute():
-            key_valid = self.key_valid(kv_len)
+            key_valid = self.key_valid(kv_len, query_pos.device)
             return key_valid, absolute_key_positions(query_pos, key_valid, q_start, kv_len)[0]
 
-        return self.memo((q_start, kv_len), compute)  # one spec per forward, so one set of position_ids
+        return self.memo((q_start, kv_len, query_pos.device), compute)  # one spec per forward
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per forward: every layer of a forward shares its positions and deltas, and a
@@ -89,12 +90,16 @@ class MaskSpec:
             self._materialized[key] = compute()
         return self._materialized[key]
 
-    def materialize(self, implementation: str):
-        """The mask the original ``implementation`` would have received (built once per forward)."""
+    def materialize(self, implementation: str, device: torch.device | None = None):
+        """The mask the original ``implementation`` would have received (once per forward and device)."""
         mask_fn = (ALL_MASK_ATTENTION_FUNCTIONS[implementation]
                    if implementation in ALL_MASK_ATTENTION_FUNCTIONS else None)
-        return self.memo(implementation, lambda: (mask_fn(**self.kwargs) if mask_fn is not None
-                                                  else self.kwargs.get("attention_mask")))
+
+        def build():
+            mask = mask_fn(**self.kwargs) if mask_fn is not None else self.kwargs.get("attention_mask")
+            return mask.to(device) if isinstance(mask, torch.Tensor) and device is not None else mask
+
+        return self.memo((implementation, device), build)
 
 
 def lazy_mask(**kwargs) -> MaskSpec:
@@ -148,6 +153,12 @@ class AttentionCall:
     def __init__(self, module: torch.nn.Module, layer: LayerState, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: Any, dropout: float, scaling: float | None,
                  kwargs: dict):
+        if key.device != query.device or value.device != query.device:
+            raise ValueError(
+                f"{layer.integration.label}: layer {layer.layer_idx} got queries on {query.device} but keys "
+                f"on {key.device} and values on {value.device}; keep each decoder layer and its KV cache on "
+                "one device (device_map places whole layers; an offloaded cache must come back first)"
+            )
         self.module, self.layer, self.kwargs = module, layer, kwargs
         self.query, self.key, self.value = query, key, value
         self.attention_mask, self.dropout = attention_mask, dropout
@@ -178,8 +189,10 @@ class AttentionCall:
 
     def vanilla(self) -> tuple[torch.Tensor, Any]:
         """The model's original attention with exactly the mask it would have built."""
-        mask = (self.spec.materialize(self.layer.model_state.original_implementation) if self.spec is not None
-                else self.attention_mask)
+        if self.spec is not None:
+            mask = self.spec.materialize(self.layer.model_state.original_implementation, self.query.device)
+        else:
+            mask = self.attention_mask
         return self.layer.vanilla(self.module, self.query, self.key, self.value, mask, dropout=self.dropout,
                                   scaling=self.given_scaling, **self.kwargs)
 

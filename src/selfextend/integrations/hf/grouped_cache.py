@@ -266,8 +266,8 @@ def restore(cache: Any, rotate: dict[int, Rotate]) -> None:
     for layer_idx, (count, group_size) in record.layers.items():
         if count:
             keys = cache.layers[layer_idx].keys
-            keys[:, :, :count] = rotate[layer_idx](keys[:, :, :count],
-                                                   -_delta(record.key_pos[:, :count], group_size))
+            delta = -_delta(record.key_pos[:, :count].to(keys.device), group_size)
+            keys[:, :, :count] = rotate[layer_idx](keys[:, :, :count], delta)
     delattr(cache, RECORD_ATTR)
 
 
