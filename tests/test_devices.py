@@ -6,6 +6,7 @@ accelerate's disk offload, and the per-forward memos keyed by device."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,17 @@ def test_layer_whose_keys_sit_on_another_device_is_a_clear_error():
     key = torch.randn(1, 2, 5, 16, device="meta")
     with pytest.raises(ValueError, match="got queries on cpu but keys on meta.*one device"):
         SELFEXTEND.forward(layer, query, key, key, None)
+
+
+def test_cli_under_torchrun_prints_and_writes_once(model_dir, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "tp-eval"
+    run = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "selfextend", "eval", "passkey", "--model",
+                          str(model_dir), "--methods", "vanilla,self-extend:G=4:W=16", "--lengths", "200",
+                          "--depths", "2", "--out", str(out), "--no-plots"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("| passkey |") == 1  # rank 0 alone prints
+    rows = [json.loads(line) for line in (out / "samples_passkey.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and len({(r["method"], r["depth"]) for r in rows}) == 4  # rank 0 alone writes
+    assert "tensor parallel over 2 processes" in run.stderr

@@ -341,3 +341,39 @@ def test_option_parser_takes_finite_numbers_only(value):
         assert parse_value(float, text) == value
     spec = parse_method(f"yarn:factor={2.5}")
     assert spec.params == {"factor": 2.5}
+
+
+def test_two_shards_one_killed_and_rerun_report_like_one_run(tiny_dir, tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    whole = tmp_path / "whole"
+    done = subprocess.run(_eval_cmd(tiny_dir, whole), capture_output=True, env=env, timeout=600)
+    assert done.returncode == 0
+    out = tmp_path / "sharded"
+    first = subprocess.run(_eval_cmd(tiny_dir, out) + ["--shard", "1/2"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "missing" in first.stdout  # the merged table so far: shard 2 has not run
+    second = subprocess.Popen(_eval_cmd(tiny_dir, out) + ["--shard", "2/2"], stderr=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, text=True, env=env)
+    _wait_for_rows(out / "samples_passkey.shard-2-of-2.jsonl", 3, second)
+    second.kill()
+    second.wait(timeout=60)
+    rerun = subprocess.run(_eval_cmd(tiny_dir, out) + ["--shard", "2/2"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    one, two = (_keys(out / f"samples_passkey.shard-{k}-of-2.jsonl") for k in (1, 2))
+    assert one and two and not set(one) & set(two)  # disjoint, both non-empty
+    assert sorted(one + two) == _keys(whole / "samples_passkey.jsonl")  # every cell exactly once
+    report = subprocess.run([sys.executable, "-m", "selfextend.cli", "report", str(out), "--no-plots"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert report.returncode == 0 and "missing" not in report.stdout, report.stdout
+
+    def table(folder: Path) -> dict:
+        results = json.loads((folder / "results_passkey.json").read_text())["results"]
+        return {m: {n: (c["correct"], c["n"], c.get("missing", 0)) for n, c in cells.items()}
+                for m, cells in results.items()}
+
+    assert table(out) == table(whole)
+    other_seed = subprocess.run(_eval_cmd(tiny_dir, out) + ["--shard", "1/2", "--seed", "5"],
+                                capture_output=True, text=True, env=env, timeout=600)
+    assert other_seed.returncode == 2 and "seed=0" in other_seed.stderr

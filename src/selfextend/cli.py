@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -16,9 +17,14 @@ DEMO_GROUP, DEMO_WINDOW = 4, 1024
 def _load(args):
     import selfextend
 
+    from .models import distributed_config
+
     dtype = getattr(torch, args.dtype)
-    print(f"loading {args.model or selfextend.models.DEFAULT_MODEL_NAME} ({args.dtype}) ...", file=sys.stderr)
-    return selfextend.load_model(args.model, dtype=dtype)
+    distributed = distributed_config()  # under torchrun: tensor parallel over every rank
+    where = f", tensor parallel over {distributed.tp_size} processes" if distributed is not None else ""
+    print(f"loading {args.model or selfextend.models.DEFAULT_MODEL_NAME} ({args.dtype}{where}) ...",
+          file=sys.stderr)
+    return selfextend.load_model(args.model, dtype=dtype, distributed=distributed)
 
 
 def cmd_info(args) -> int:
@@ -147,7 +153,7 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .eval.report import markdown, plot, write_results
-    from .eval.results import SAMPLES_FILE, read_rows
+    from .eval.results import SAMPLES_FILE, read_rows, shard_part
     from .eval.runner import EvalConfig, run_eval
     from .eval.tasks import TASKS
     from .eval.tasks.haystack import corpus_text
@@ -161,12 +167,13 @@ def cmd_eval(args) -> int:
             task_args.update(window=args.window, stride=args.stride)
         corpus_text(args.corpus)  # a missing corpus fails before the model loads
     config = EvalConfig(args.task, methods, lengths, args.depths, args.samples, args.seed,
-                        task_args, args.model or "embedded:SmolLM2-135M-Instruct", args.dtype)
+                        task_args, args.model or "embedded:SmolLM2-135M-Instruct", args.dtype, args.shard)
     model, tokenizer = _load(args)
     try:
         run_eval(model, tokenizer, config, args.out)
     except KeyboardInterrupt:
-        done = len(read_rows(Path(args.out) / SAMPLES_FILE.format(task=args.task))[0])
+        samples = Path(args.out) / SAMPLES_FILE.format(task=args.task + shard_part(args.shard))
+        done = len(read_rows(samples)[0])
         print(f"interrupted: {done} samples saved to {args.out}; re-run the same command to resume",
               file=sys.stderr)
         return 130
@@ -323,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=check.positive_int, default=2048, help="ppl: tokens per position bucket")
     p.add_argument("--window", type=check.positive_int, default=None, help="ppl sliding: window tokens")
     p.add_argument("--stride", type=check.positive_int, default=None, help="ppl sliding: stride tokens")
+    p.add_argument("--shard", type=check.shard, default=None,
+                   help="K/N: run shard K of N of the grid (processes or machines sharing --out); "
+                        "`selfextend report` merges the shards")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_eval, check=check.check_eval_flags)
 
@@ -371,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .models import is_main_process
+
+    if not is_main_process():  # under torchrun every rank computes; rank 0 alone prints and writes
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     parser = build_parser()
     try:  # argparse exits on a bad flag: one "error:" line (cli_args.Parser), exit code 2
         args = parser.parse_args(argv)

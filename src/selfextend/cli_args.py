@@ -112,6 +112,18 @@ def method(text: str):
     return specs[0]
 
 
+def shard(text: str) -> tuple[int, int]:
+    """``K/N`` with ``1 <= K <= N``."""
+    k, slash, n = text.partition("/")
+    try:
+        k_, n_ = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 1/4: the first of 4 shards)") from None
+    if not slash or not 1 <= k_ <= n_:
+        raise argparse.ArgumentTypeError(f"{text!r}: K/N needs 1 <= K <= N (e.g. 1/4 ... 4/4)")
+    return k_, n_
+
+
 def task_name(text: str) -> str:
     from .eval.tasks import TASKS
 

@@ -10,7 +10,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .results import RESULTS_FILE, RUN_FILE, SAMPLES_FILE, latest_rows, read_rows, write_json_atomic
+from .results import (
+    RESULTS_FILE,
+    RUN_FILE,
+    SAMPLES_FILE,
+    latest_rows,
+    read_rows,
+    task_files,
+    task_of,
+    write_json_atomic,
+)
 
 
 def _ordered(values):
@@ -121,16 +130,21 @@ def markdown_buckets(summary: dict[str, Any], length: int) -> str:
 def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarize the samples file into ``results_<task>.json`` (lm-evaluation-harness style) and return it."""
     out = Path(out_dir)
-    rows, bad = read_rows(out / SAMPLES_FILE.format(task=task))
+    rows, bad = [], []
+    for samples in task_files(out, SAMPLES_FILE, task):  # the whole run's file and every shard's
+        file_rows, file_bad = read_rows(samples)
+        rows += file_rows
+        bad += [f"{samples.name}:{n}" if samples.name != SAMPLES_FILE.format(task=task) else n
+                for n in file_bad]
     if not rows:
         raise ValueError(f"no results for task {task!r} in {out} (expected {SAMPLES_FILE.format(task=task)})")
-    run = out / RUN_FILE.format(task=task)
-    cells = {}
-    if run.exists():
+    cells: dict[str, int] = {}
+    for run in task_files(out, RUN_FILE, task):
         try:
-            cells = json.loads(run.read_text(encoding="utf-8")).get("cells", {})
+            for key, n in json.loads(run.read_text(encoding="utf-8")).get("cells", {}).items():
+                cells[key] = max(cells.get(key, 0), n)
         except (OSError, json.JSONDecodeError):
-            cells = {}
+            continue
     summary = summarize(rows, cells)
     path = out / RESULTS_FILE.format(task=task)
     try:
@@ -227,7 +241,7 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
     out = Path(out_dir)
     if not out.is_dir():
         raise ValueError(f"results directory {out} does not exist")
-    names = tasks or sorted(p.name[len("samples_"):-len(".jsonl")] for p in out.glob("samples_*.jsonl"))
+    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
     if not names:
         raise ValueError(f"no samples_*.jsonl files in {out}")
     texts = []

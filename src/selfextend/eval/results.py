@@ -27,6 +27,25 @@ RUN_FILE = "run_{task}.json"
 LOCK_FILE = ".lock_{task}"
 
 
+def shard_part(shard: tuple[int, int] | None) -> str:
+    """The file-name part of shard K of N (``.shard-K-of-N``); empty for an unsharded run. Shards write their
+    own files into one ``--out``, so they never share a writer's lock; ``report`` merges them."""
+    return "" if shard is None else f".shard-{shard[0]}-of-{shard[1]}"
+
+
+def task_of(filename: str) -> str:
+    """The task a samples or run file is of: ``samples_niah_single.shard-1-of-2.jsonl`` -> ``niah_single``."""
+    return filename.split(".", 1)[0].split("_", 1)[1]
+
+
+def task_files(out: Path, template: str, task: str) -> list[Path]:
+    """Every file of ``task`` written from ``template`` (the unsharded one and every shard's), sorted."""
+    whole = out / template.format(task=task)
+    stem, dot, ext = template.format(task=task).partition(".")
+    shards = sorted(out.glob(f"{stem}.shard-*-of-*{dot}{ext}"))
+    return ([whole] if whole.exists() else []) + shards
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over: no reader sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,12 @@ every method, so all methods answer exactly the same prompts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 
 from .. import api
 from ..methods import METHODS
+from ..models import is_main_process
 from .results import (
     RUN_FILE,
     SAMPLES_FILE,
@@ -28,6 +31,8 @@ from .results import (
     read_rows,
     remove_corrupt_lines,
     row_key,
+    shard_part,
+    task_files,
     write_json_atomic,
 )
 from .tasks import TASKS, Sample
@@ -125,6 +130,7 @@ class EvalConfig:
     task_args: dict[str, Any] = field(default_factory=dict)  # ppl: corpus, mode, bucket, window, stride
     model_name: str = ""
     dtype: str = "float32"
+    shard: tuple[int, int] | None = None  # (K, N): this run does shard K (1-based) of N
 
 
 def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, Any]]:
@@ -140,8 +146,19 @@ def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, An
 def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
     task = TASKS.get(config.task)
     depths: list[float | None] = list(config.depths or [0.5]) if task.uses_depth else [None]
-    return [(length, spec, depth, i) for length in config.lengths for spec in config.methods
-            for depth in depths for i in range(config.samples)]
+    cells = [(length, spec, depth, i) for length in config.lengths for spec in config.methods
+             for depth in depths for i in range(config.samples)]
+    if config.shard is None:
+        return cells
+    k, n = config.shard
+    return [c for c in cells if in_shard(_key(config, c), k, n)]
+
+
+def in_shard(key: tuple, k: int, n: int) -> bool:
+    """Whether a cell belongs to shard ``k`` of ``n``: by a hash of the cell itself, not of its place in the
+    grid, so every shard agrees on the split however the grid was ordered or extended, and no cell is in two
+    shards or none."""
+    return zlib.crc32(repr(key).encode()) % n == k - 1
 
 
 def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
@@ -149,20 +166,44 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
     """Run (or resume) the evaluation; returns every row of the samples file for this task."""
     task = TASKS.get(config.task)
     out = Path(out_dir)
-    path = out / SAMPLES_FILE.format(task=config.task)
+    part = shard_part(config.shard)
+    path = out / SAMPLES_FILE.format(task=config.task + part)
     resolved = resolve_all(model, config)
     if task.kind == "ppl":
         from .tasks.haystack import corpus_text
 
         corpus_text(config.task_args.get("corpus", "pydoc"))  # a missing corpus fails before any model run
-    with lock(out, config.task):
+    if not is_main_process():  # tensor parallel under torchrun: same forwards, rank 0 writes
+        _barrier()  # rank 0 has checked and repaired the samples file
+        rows = _run(model, tokenizer, config, task, path, resolved, False, write=False)
+        _barrier()
+        return rows
+    with lock(out, config.task + part):
         record_run(out, config)
         remove_corrupt_lines(path)
-        return _run(model, tokenizer, config, task, path, resolved, progress)
+        _barrier()
+        rows = _run(model, tokenizer, config, task, path, resolved, progress, write=True)
+        _barrier()
+        return rows
+
+
+class _Discard:
+    """The writer of ranks other than 0: they compute every sample with rank 0 and keep nothing."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+
+def _barrier() -> None:
+    """Wait for every rank of a ``torchrun`` launch (nothing without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
-         progress: bool) -> list[dict[str, Any]]:
+         progress: bool, write: bool) -> list[dict[str, Any]]:
     done = latest_rows(read_rows(path)[0])
     cells = plan(config)
     todo = [c for c in cells if _key(config, c) not in done]
@@ -174,7 +215,7 @@ def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
                desc=f"{config.task}: {len(todo)} samples ({len(cells) - len(todo)} done before)")
     applied: tuple | None = None
     try:
-        with SampleWriter(path) as writer:
+        with SampleWriter(path) if write else contextlib.nullcontext(_Discard()) as writer:
             for length, spec, depth, index in todo:
                 if applied != (spec.label, length):
                     api.remove(model)
@@ -237,9 +278,23 @@ def run_identity(config: EvalConfig) -> dict[str, Any]:
 def record_run(out: Path, config: EvalConfig) -> None:
     """Refuse to add rows to a samples file made by another run (model, dtype, seed, task parameters);
     otherwise record this run's identity and the cells it asks for (``report`` counts the missing ones)."""
-    path = out / RUN_FILE.format(task=config.task)
-    samples = out / SAMPLES_FILE.format(task=config.task)
+    part = shard_part(config.shard)
+    path = out / RUN_FILE.format(task=config.task + part)
+    samples = out / SAMPLES_FILE.format(task=config.task + part)
     identity = run_identity(config)
+    for other in task_files(out, RUN_FILE, config.task):  # every shard of one grid shares one identity
+        if other != path:
+            try:
+                theirs = json.loads(other.read_text(encoding="utf-8")).get("identity", {})
+            except (OSError, json.JSONDecodeError):
+                continue
+            differ = [k for k in IDENTITY if k in theirs and theirs[k] != identity[k]
+                      and not (k == "model_bytes" and 0 in (theirs[k], identity[k]))]
+            if differ:
+                raise ValueError(f"{other.name} in {out} was made with "
+                                 + ", ".join(f"{k}={theirs[k]!r}" for k in differ)
+                                 + f"; this run has {', '.join(f'{k}={identity[k]!r}' for k in differ)}. "
+                                 "Shards of one grid must share model, dtype, seed and task parameters.")
     previous: dict[str, Any] = {}
     if path.exists():
         try:
