@@ -48,4 +48,4 @@ def test_ask_bad_settings_is_a_clear_error(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("short")
     assert main(["ask", "--file", str(doc), "q", "-G", "0", "-W", "64"]) == 2
-    assert "group_size must be >= 1" in capsys.readouterr().err
+    assert "-G/--group-size: 0 is below 1" in capsys.readouterr().err

@@ -328,7 +328,7 @@ def test_cli_refuses_contradictory_flags(capsys):
     from selfextend.cli import main
 
     assert main(["serve", "--port", "70000"]) == 2
-    assert "--port 70000" in capsys.readouterr().err
+    assert "--port: 70000 is not a TCP port" in capsys.readouterr().err
 
 
 # --- the embedded model, SelfExtend past its trained length ------------------------------------------------
