@@ -71,3 +71,14 @@ def build_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer (49152 tokens): tiny random models share it to read real text."""
+    from transformers import AutoTokenizer
+
+    from selfextend.models import default_model_path
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -78,3 +78,27 @@ def make_dca_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, c
         exact_below=gate, scaling=dim**-0.5, softcap=softcap,
     )
     return inp, q, k, inv_freq
+
+
+def interpreted_triton_kernel():
+    """The Triton kernel module built for the interpreter, or None if this process cannot have it.
+
+    ``TRITON_INTERPRET`` must be set when the kernel module is first imported; it is restored afterwards so
+    other tests see the environment they expect."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return None
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from selfextend.backends import triton_kernel
+    except ImportError:
+        return None
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return triton_kernel if triton_kernel.INTERPRET else None

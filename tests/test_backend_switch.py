@@ -6,12 +6,11 @@ change a single logit beyond float noise. The Triton kernel runs under the inter
 (``TRITON_INTERPRET=1`` set only while its module is imported, as in ``test_triton.py``).
 """
 
-import importlib.util
-import os
 
 import pytest
 import torch
 from conftest import build_model
+from helpers import interpreted_triton_kernel
 
 import selfextend
 from selfextend.backends import BACKENDS
@@ -20,23 +19,7 @@ G, W = 4, 16  # reach (64 - 16) * 4 + 16 = 208 tokens on the tiny models
 PROMPT, STEPS = 80, 6
 
 
-def _interpreted_kernel():
-    """The Triton kernel module built for the interpreter, or None if this process cannot have it."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from selfextend.backends import triton_kernel
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return triton_kernel if triton_kernel.INTERPRET else None
-
-
-KERNEL = _interpreted_kernel()
+KERNEL = interpreted_triton_kernel()
 
 
 def _generate(model, ids, mask, prefill_backend, decode_backend):

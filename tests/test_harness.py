@@ -6,23 +6,16 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from selfextend.eval import report as report_mod
 from selfextend.eval.results import SampleWriter
 from selfextend.eval.runner import EvalConfig, parse_depths, parse_length, parse_method, run_eval
 from selfextend.eval.tasks import TASKS
 from selfextend.methods import METHODS
-from selfextend.models import default_model_path
 
 TRAINED = 1024
 LENGTHS = [1200, 2400]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    path = default_model_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")

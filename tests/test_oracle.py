@@ -37,18 +37,16 @@ How planted bugs fail (checked on a copy of the repository, 181 tests + 3 skippe
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import ModuleType
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRAINED, build_model
+from helpers import interpreted_triton_kernel
 from reference import selfextend_attention_ref, selfextend_distance_table
 
 import selfextend
@@ -142,28 +140,7 @@ def test_library_positions_match_oracle_table(window: int, group: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _interpreted_kernel() -> ModuleType | None:
-    """The Triton kernel module built for Triton's CPU interpreter, or None (as in test_triton.py).
-
-    ``TRITON_INTERPRET=1`` is read when the ``@triton.jit`` functions are defined, so it is set only while the
-    kernel module is imported (torch and selfextend are imported first), then restored."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from selfextend.backends import triton_kernel
-    except ImportError:
-        return None
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return triton_kernel if triton_kernel.INTERPRET else None
-
-
-KERNEL = _interpreted_kernel()
+KERNEL = interpreted_triton_kernel()
 
 # backends by test name; the "-block16" variants run the block loops that inputs shorter than the default
 # block size (256 for cpu, 128 for flex) never reach

@@ -15,14 +15,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import selfextend
 from selfextend import cli
 from selfextend.eval.report import write_results
 from selfextend.eval.results import lock
 from selfextend.eval.runner import EvalConfig, parse_method, parse_value, run_eval
-from selfextend.models import default_model_path
 from selfextend.positions import (
     dca_relative_positions,
     grouped_key_positions,
@@ -170,12 +169,6 @@ def test_ask_decides_from_the_prompt_length_not_the_flag(files, capsys):
 
 
 # --- results that cannot be mixed up, locks, interruptions -----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    path = default_model_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import torch
 from conftest import build_model
 
 import selfextend
-from selfextend.models import default_model_path
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need the dev extra (httpx)")
 openai = pytest.importorskip("openai", reason="the serve tests need the dev extra (openai)")
@@ -32,14 +31,6 @@ from selfextend.serve.engine import Engine, Sampling  # noqa: E402
 NAME = "tiny"
 G, W = 4, 16
 DOC = ("The archive holds letters, maps and a ledger of the harbour's ships. " * 8).strip()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    path = default_model_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")
