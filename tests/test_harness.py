@@ -221,3 +221,63 @@ def test_tune_budget_and_bad_input(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="max_candidates"):
         tune(model, tokenizer, 2 * TRAINED, max_candidates=0, save=False, progress=False,
              stream=io.StringIO())
+
+
+# ---- intervals and paired comparisons ---------------------------------------------------------------------
+
+
+def test_wilson_intervals_known_values():
+    from selfextend.eval.report import wilson
+
+    lo, hi = wilson(4, 5)
+    assert round(lo, 4) == 0.3755 and round(hi, 4) == 0.9638  # "4/5 spans roughly 0.38-0.96"
+    assert [round(v, 4) for v in wilson(5, 5)] == [0.5655, 1.0]
+    assert [round(v, 4) for v in wilson(0, 5)] == [0.0, 0.4345]
+    lo1, hi1 = wilson(1, 5)
+    assert abs(lo1 - (1 - hi)) < 1e-12 and abs(hi1 - (1 - lo)) < 1e-12  # symmetric in successes/failures
+    assert wilson(50, 100)[1] - wilson(50, 100)[0] < wilson(5, 10)[1] - wilson(5, 10)[0]  # narrows with n
+
+
+def test_sign_test_and_paired_comparison():
+    from selfextend.eval.report import compare, markdown_compare, sign_test
+
+    assert sign_test(0, 5) == 0.0625 and sign_test(1, 9) == 0.021484375 and sign_test(3, 3) == 1.0
+    rows = []
+    for i in range(10):  # a right on every sample, b right on the first 2 only; c runs samples 0..4 only
+        for method, score in (("a", 1.0), ("b", float(i < 2)), ("c", 1.0)):
+            if method == "c" and i >= 5:
+                continue
+            rows.append({"task": "passkey", "method": method, "length": 4096, "depth": 0.5, "sample": i,
+                         "score": score})
+    [row] = compare(rows, "a", "b")
+    assert (row["pairs"], row["a_only"], row["b_only"]) == (10, 8, 0)
+    assert row["p_value"] == sign_test(8, 0) == 2 / 2**8 and row["b_accuracy"] == 0.2
+    assert compare(rows, "a", "c")[0]["pairs"] == 5  # only samples both ran
+    assert "| 4096 | 10 | 1.00 | 0.20 | 8 | 0 | 0.00781 |" in markdown_compare([row])
+    with pytest.raises(ValueError, match="no retrieval rows for method 'd'"):
+        compare(rows, "a", "d")
+
+
+def test_tables_carry_intervals():
+    from selfextend.eval.report import bootstrap_ppl, markdown, summarize
+
+    rows = [{"task": "passkey", "method": "m", "length": 4096, "depth": d, "sample": 0,
+             "score": float(d < 0.8), "prompt_tokens": 4000, "seconds": 1.0}
+            for d in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    summary = summarize(rows)
+    cell = summary["results"]["m"]["4096"]
+    assert [round(v, 2) for v in cell["ci95"]] == [0.38, 0.96] and cell["n_by_depth"] == {"0.1": 1, "0.3": 1,
+                                                                                          "0.5": 1, "0.7": 1,
+                                                                                          "0.9": 1}
+    assert "0.80 (4/5) [0.38-0.96]" in markdown(summary, "passkey")
+    lo, hi = bootstrap_ppl([2.0, 2.1, 2.3, 2.2, 2.05])
+    assert lo < torch.tensor([2.0, 2.1, 2.3, 2.2, 2.05]).mean().exp().item() < hi
+    assert bootstrap_ppl([2.0, 2.1, 2.3]) == bootstrap_ppl([2.0, 2.1, 2.3])  # seeded
+
+
+def test_rows_carry_hashes_of_their_prompt_and_settings(model, tokenizer, tmp_path):
+    config = EvalConfig("passkey", [parse_method("vanilla"), parse_method("self-extend:G=2:W=64")], [1200],
+                        [0.5], 1, 0)
+    rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
+    assert rows[0]["prompt_sha"] == rows[1]["prompt_sha"]  # the same prompt for every method
+    assert rows[0]["settings_sha"] != rows[1]["settings_sha"] and len(rows[0]["settings_sha"]) == 16

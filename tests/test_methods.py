@@ -119,15 +119,33 @@ def test_derived_parameters_follow_target_length():
     assert selfextend.active(model).params["keep"] == TRAINED - TRAINED // 8
 
 
-def test_truncate_keeps_the_last_tokens():
+def test_truncate_keeps_the_head_and_the_tail_or_the_last_tokens():
     model = build_model("llama")
-    selfextend.apply(model, method="truncate", keep=40)
     x = ids(100)
     mask = torch.ones_like(x)
+    selfextend.apply(model, method="truncate", keep=40)  # LongBench: drop the middle
     cut, cut_mask = truncate_ids(model, x, mask)
-    assert torch.equal(cut, x[:, -40:]) and cut_mask.shape == (1, 40)
+    assert torch.equal(cut, torch.cat([x[:, :20], x[:, -20:]], 1)) and cut_mask.shape == (1, 40)
+    selfextend.apply(model, method="truncate", keep=41, drop="start")  # the old behaviour, on request
+    cut, cut_mask = truncate_ids(model, x, mask)
+    assert torch.equal(cut, x[:, -41:]) and cut_mask.shape == (1, 41)
+    with pytest.raises(ValueError, match="drop='end' is not one of middle, start"):
+        selfextend.apply(model, method="truncate", drop="end")
     selfextend.remove(model)
     assert truncate_ids(model, x)[0] is x
+
+
+def test_middle_truncation_keeps_the_instruction_and_the_question(tokenizer):
+    from selfextend.eval.tasks.passkey import QUESTION, TASK, make_passkey
+
+    sample = make_passkey(tokenizer, 3000, 0.5, seed=1)
+    model = build_model("llama", max_position_embeddings=1024)
+    selfextend.apply(model, method="truncate")
+    full = tokenizer(sample.prompt, return_tensors="pt").input_ids
+    kept = tokenizer.decode(truncate_ids(model, full)[0][0])
+    assert kept.startswith(TASK[:40]) and kept.rstrip().endswith(QUESTION)
+    selfextend.apply(model, method="truncate", drop="start")
+    assert TASK[:40] not in tokenizer.decode(truncate_ids(model, full)[0][0])
 
 
 @pytest.mark.parametrize(

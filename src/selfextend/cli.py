@@ -194,7 +194,7 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     from .eval.report import report
 
-    print(report(args.dir, args.task, plots=not args.no_plots))
+    print(report(args.dir, args.task, plots=not args.no_plots, pair=args.compare))
     return 0
 
 
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="re-render tables and plots from a results directory")
     p.add_argument("dir", type=check.results_dir)
+    p.add_argument("--compare", type=check.method_pair, default=None,
+                   help="A,B: two method labels on the same samples (paired): who alone was right, sign test")
     p.add_argument("--task", action="append", default=None,
                    help="only these tasks (default: every samples file)")
     p.add_argument("--no-plots", action="store_true")

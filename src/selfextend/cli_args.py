@@ -112,6 +112,14 @@ def method(text: str):
     return specs[0]
 
 
+def method_pair(text: str) -> tuple[str, str]:
+    """Two method labels as they appear in a results table, e.g. ``self-extend,dynamic-ntk``."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two different method labels, A,B")
+    return parts[0], parts[1]
+
+
 def shard(text: str) -> tuple[int, int]:
     """``K/N`` with ``1 <= K <= N``."""
     k, slash, n = text.partition("/")

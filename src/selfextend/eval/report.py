@@ -10,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .results import (
     RESULTS_FILE,
     RUN_FILE,
@@ -20,6 +22,76 @@ from .results import (
     task_of,
     write_json_atomic,
 )
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of ``successes`` in ``n`` trials (partial credit counts fractionally).
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n, the common cells
+    here: 5/5 is [0.57, 1.00], not "1.00"."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def bootstrap_ppl(nlls: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``exp(mean(nlls))``, resampling buckets (or documents)."""
+    if not nlls:
+        return float("nan"), float("nan")
+    if len(nlls) == 1:
+        return math.exp(nlls[0]), math.exp(nlls[0])
+    values = torch.tensor(nlls, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(len(nlls), (reps, len(nlls)), generator=g)].mean(1).exp()
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def sign_test(a_only: int, b_only: int) -> float:
+    """Two-sided exact sign test (binomial, p = 1/2) on the pairs where two methods disagree."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare(rows: list[dict[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
+    """Methods ``a`` and ``b`` on the same samples (paired by length, depth and sample index), per length:
+    how many pairs, how often each alone was right, both accuracies and the sign test's p-value."""
+    latest = latest_rows(rows)
+    by = {m: {(k[2], k[3], k[4]): float(r["score"]) for k, r in latest.items() if k[1] == m and "score" in r}
+          for m in (a, b)}
+    for m in (a, b):
+        if not by[m]:
+            raise ValueError(f"no retrieval rows for method {m!r}; methods here: "
+                             f"{', '.join(sorted({k[1] for k in latest}))}")
+    out = []
+    for length in sorted({k[0] for k in by[a]} & {k[0] for k in by[b]}):
+        pairs = [k for k in by[a] if k[0] == length and k in by[b]]
+        a_only = sum(by[a][k] >= 0.5 > by[b][k] for k in pairs)
+        b_only = sum(by[b][k] >= 0.5 > by[a][k] for k in pairs)
+        out.append({"length": length, "pairs": len(pairs), "a": a, "b": b,
+                    "a_accuracy": sum(by[a][k] for k in pairs) / len(pairs),
+                    "b_accuracy": sum(by[b][k] for k in pairs) / len(pairs),
+                    "a_only": a_only, "b_only": b_only, "p_value": sign_test(a_only, b_only)})
+    return out
+
+
+def markdown_compare(table: list[dict[str, Any]]) -> str:
+    a, b = table[0]["a"], table[0]["b"]
+    lines = [f"| {a} vs {b} | pairs | {a} | {b} | only {a} right | only {b} right | sign test p |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        lines.append(f"| {r['length']} | {r['pairs']} | {r['a_accuracy']:.2f} | {r['b_accuracy']:.2f} | "
+                     f"{r['a_only']} | {r['b_only']} | {r['p_value']:.3g} |")
+    return "\n".join(lines)
 
 
 def _ordered(values):
@@ -55,6 +127,8 @@ def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None) -
                     "accuracy": sum(float(r["score"]) for r in cell_rows) / len(cell_rows),
                     "n": len(cell_rows),
                     "correct": sum(float(r["score"]) for r in cell_rows),
+                    "ci95": list(wilson(sum(float(r["score"]) for r in cell_rows), len(cell_rows))),
+                    "n_by_depth": {str(d): len(v) for d, v in by_depth.items()},
                     "by_depth": {
                         str(d): sum(v) / len(v)
                         for d, v in sorted(by_depth.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
@@ -69,6 +143,7 @@ def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None) -
                               for b in range(n_buckets)]
                 table[method][str(length)] = {
                     "ppl": math.exp(nll), "nll": nll, "n": len(cell_rows), "mode": cell_rows[0]["mode"],
+                    "ppl_ci95": list(bootstrap_ppl([b for r in cell_rows for b in r["bucket_nll"]])),
                     "bucket": cell_rows[0]["bucket"], "bucket_ppl": [math.exp(b) for b in bucket_nll],
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
                 }
@@ -100,9 +175,12 @@ def markdown(summary: dict[str, Any], task: str) -> str:
                 cells.append(f"- ({gap})" if gap else "-")
             elif "accuracy" in cell:
                 suffix = f"; {gap})" if gap else ")"
-                cells.append(f"{cell['accuracy']:.2f} ({cell['correct']:g}/{cell['n']}{suffix}")
+                lo, hi = cell.get("ci95") or wilson(cell["correct"], cell["n"])
+                ci = f"[{lo:.2f}-{hi:.2f}]"
+                cells.append(f"{cell['accuracy']:.2f} ({cell['correct']:g}/{cell['n']}{suffix} {ci}")
             else:
-                cells.append(f"{cell['ppl']:.2f}" + (f" ({gap})" if gap else ""))
+                lo, hi = cell.get("ppl_ci95", (float("nan"), float("nan")))
+                cells.append(f"{cell['ppl']:.2f} [{lo:.2f}-{hi:.2f}]" + (f" ({gap})" if gap else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if summary.get("missing"):
         lines.append(f"\n{summary['missing']} of {summary['expected']} samples the runs asked for are "
@@ -200,8 +278,10 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
             for y, row in enumerate(grid):
                 for x, v in enumerate(row):
                     if v == v:  # not NaN
-                        ax.text(x, y, f"{v:.2f}".rstrip("0").rstrip(".") if v not in (0, 1) else f"{v:g}",
-                                ha="center", va="center", fontsize=8)
+                        n_cell = results[method].get(str(lengths[x]), {}).get("n_by_depth", {}).get(depths[y])
+                        label = f"{v:.2f}".rstrip("0").rstrip(".") if v not in (0, 1) else f"{v:g}"
+                        ax.text(x, y, label if n_cell is None else f"{label}\nn={n_cell}",
+                                ha="center", va="center", fontsize=7)
         axes[0][0].set_ylabel("depth")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
         fig.suptitle(f"{task}: accuracy by depth and length", fontsize=10, y=1.08)
@@ -236,7 +316,13 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
     return written
 
 
-def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = True) -> str:
+def task_rows(out: Path, task: str) -> list[dict[str, Any]]:
+    """Every row of ``task`` in ``out``: the unsharded samples file and every shard's."""
+    return [row for path in task_files(out, SAMPLES_FILE, task) for row in read_rows(path)[0]]
+
+
+def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = True,
+           pair: tuple[str, str] | None = None) -> str:
     """Re-render results files, markdown tables and plots from every samples file in ``out_dir``."""
     out = Path(out_dir)
     if not out.is_dir():
@@ -254,4 +340,7 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
                 texts.append(f"{task} at {length} tokens, perplexity per position bucket:\n\n{buckets}")
         if plots:
             plot(out, task, result)
+        if pair is not None and result["results"] and any("accuracy" in c for m in result["results"].values()
+                                                          for c in m.values()):
+            texts.append(markdown_compare(compare(task_rows(out, task), *pair)))
     return "\n\n".join(texts)

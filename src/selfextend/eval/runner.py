@@ -8,6 +8,7 @@ every method, so all methods answer exactly the same prompts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -154,6 +155,13 @@ def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
     return [c for c in cells if in_shard(_key(config, c), k, n)]
 
 
+def settings_sha(config: EvalConfig, params: dict[str, Any]) -> str:
+    """A short hash of everything that made a row besides its cell: the run's identity and the method's
+    resolved parameters (two rows with the same hash were made the same way)."""
+    made = {"identity": run_identity(config), "params": json_safe(params)}
+    return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def in_shard(key: tuple, k: int, n: int) -> bool:
     """Whether a cell belongs to shard ``k`` of ``n``: by a hash of the cell itself, not of its place in the
     grid, so every shard agrees on the split however the grid was ordered or extended, and no cell is in two
@@ -224,6 +232,7 @@ def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
                 bar.set_postfix_str(f"{spec.label} @ {length}" + ("" if depth is None else f" depth {depth}"))
                 seed = config.seed + index
                 row = {"task": config.task, "method": spec.label, "method_name": spec.name,
+                       "settings_sha": settings_sha(config, resolved[spec.label, length]),
                        "params": json_safe(resolved[spec.label, length]), "length": length, "depth": depth,
                        "sample": index, "seed": seed, "model": config.model_name, "dtype": config.dtype}
                 t0 = time.perf_counter()
@@ -236,6 +245,7 @@ def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
                     if key not in prompts:
                         prompts[key] = task.make(tokenizer, length, depth, seed)
                     sample = prompts[key]
+                    row["prompt_sha"] = hashlib.sha256(sample.prompt.encode()).hexdigest()[:16]
                     row.update(_answer(model, tokenizer, task, sample))
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 writer.write(row)

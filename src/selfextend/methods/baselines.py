@@ -25,11 +25,17 @@ class Vanilla(Method):
         pass
 
 
+DROPS = ("middle", "start")
+
+
 @METHODS.register("truncate")
 class Truncate(Method):
-    summary = "keep only the last `keep` prompt tokens (what users fall back to); the model stays vanilla"
+    summary = ("keep `keep` prompt tokens, the head and the tail (LongBench), or the last ones; the model "
+               "stays vanilla")
     params = (
         Param("keep", int, None, "prompt tokens kept (default: trained length - headroom)"),
+        Param("drop", str, "middle", "which part of a long prompt goes: middle (keep the head with the "
+              "instruction and the tail with the question, as LongBench) or start (keep the last tokens)"),
         Param("headroom", int, None, "tokens left for the answer when `keep` is derived "
               "(default min(64, L // 8))"),
         TRAINED_LENGTH,
@@ -37,8 +43,12 @@ class Truncate(Method):
 
     def resolve(self, model, target_length, params):
         self.check_params(params)
-        return {"keep": truncate_keep(params.get("keep"), params.get("headroom"),
-                                      trained_length(model, params))}
+        drop = params.get("drop", "middle")
+        if drop not in DROPS:
+            raise ValueError(f"drop={drop!r} is not one of {', '.join(DROPS)}: middle keeps the head and the "
+                             "tail of the prompt, start keeps its last tokens")
+        keep = truncate_keep(params.get("keep"), params.get("headroom"), trained_length(model, params))
+        return {"keep": keep, "drop": drop}
 
     def attach(self, model, params, previous):
         return ActiveMethod(self.name, params)
@@ -51,15 +61,26 @@ class Truncate(Method):
 
 
 def truncate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """``input_ids`` (and mask) cut to the last ``keep`` tokens when ``truncate`` is active, else unchanged.
+    """``input_ids`` (and mask) cut to ``keep`` tokens when ``truncate`` is active, else unchanged: the first
+    ``keep // 2`` and the last ``keep - keep // 2`` (``drop="middle"``, LongBench's truncation, which keeps a
+    task's instruction and its question), or the last ``keep`` (``drop="start"``).
 
     Truncation acts on the prompt, not inside attention, so selfextend's own entry points (generation helpers,
-    the evaluation harness) call this; ``model.generate`` on a raw long prompt does not truncate."""
+    the evaluation harness, the server) call this; ``model.generate`` on a raw long prompt does not
+    truncate."""
     active: ActiveMethod | None = getattr(model, STATE_ATTR, None)
     if active is None or active.name != "truncate" or input_ids.shape[-1] <= active.params["keep"]:
         return input_ids, attention_mask
     keep = active.params["keep"]
-    return input_ids[..., -keep:], None if attention_mask is None else attention_mask[..., -keep:]
+    if active.params.get("drop", "middle") == "start":
+        index = torch.arange(input_ids.shape[-1] - keep, input_ids.shape[-1])
+    else:
+        head = keep // 2
+        n = input_ids.shape[-1]
+        index = torch.cat([torch.arange(head), torch.arange(n - (keep - head), n)])
+    index = index.to(input_ids.device)
+    cut = input_ids.index_select(-1, index)
+    return cut, None if attention_mask is None else attention_mask.index_select(-1, index)
 
 
 __all__ = ["Truncate", "Vanilla", "truncate_ids"]
