@@ -106,3 +106,8 @@ def test_packed_sequences_are_refused():
     pos = torch.cat([torch.arange(30), torch.arange(30)])[None]
     with pytest.raises(ValueError, match="custom mask pattern|position_ids must count"):
         model(torch.randint(3, 100, (1, 60)), position_ids=pos)
+
+
+def test_window_alone_is_a_clear_error():
+    with pytest.raises(ValueError, match="pass group_size and window"):
+        selfextend.apply(build_model("llama"), window=16)

@@ -96,7 +96,7 @@ def prompt(i: int = 0) -> str:
 
 def test_completions_stream_and_not_equal_generate(live, model, tokenizer):
     client, text = live.client(), prompt()
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = tokenizer(text).input_ids  # a completion prompt is read as tokenizer(text) reads it (BOS if any)
     assert 64 < len(ids) and len(ids) + 24 <= 208  # past the trained length, inside the reach
     want = expected(model, tokenizer, ids, 24)
     got = client.completions.create(model=NAME, prompt=text, max_tokens=24, temperature=0)
@@ -229,8 +229,7 @@ def test_api_key_is_checked(model, tokenizer):
 
 def test_sixteen_clients_mixed_with_disconnects(live, model, tokenizer):
     texts = [prompt(10 + i % 4) for i in range(16)]
-    want = {t: expected(model, tokenizer, tokenizer(t, add_special_tokens=False).input_ids, 12)
-            for t in set(texts)}
+    want = {t: expected(model, tokenizer, tokenizer(t).input_ids, 12) for t in set(texts)}
 
     def run(i: int) -> str | None:
         body = {"model": NAME, "prompt": texts[i], "max_tokens": 12, "temperature": 0}
@@ -355,3 +354,45 @@ def test_embedded_model_past_its_trained_length_equals_generate():
         stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0,
                                                 stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream) == want_chat
+
+
+# --- regressions found in review ----------------------------------------------------------------------------
+
+
+def test_sliding_window_caches_are_reused_only_when_nothing_needs_cropping(tokenizer):
+    gemma = build_model("gemma3_text", vocab_size=len(tokenizer))  # layer 0 slides over 8 tokens
+    selfextend.apply(gemma, group_size=G, window=W)  # its global layer reads past 64 tokens
+    engine = Engine(gemma, tokenizer)
+    first = tokenizer(prompt(40), add_special_tokens=False).input_ids
+    engine.generate(first, Sampling(max_tokens=4, temperature=0))
+    shorter = first[:30] + tokenizer(" and then?", add_special_tokens=False).input_ids
+    cold = Engine(gemma, tokenizer, cache_bytes=0).generate(shorter, Sampling(max_tokens=6, temperature=0))
+    hit = engine.generate(shorter, Sampling(max_tokens=6, temperature=0))  # once: RuntimeError from crop
+    assert hit.text == cold.text and hit.cached_tokens == 0
+    held = max((e.tokens for e in engine.prefix_cache._entries.values()), key=len)  # nothing to crop here
+    longer = list(held) + tokenizer(" again", add_special_tokens=False).input_ids
+    assert engine.generate(longer, Sampling(max_tokens=2, temperature=0)).cached_tokens == len(held)
+
+
+def test_a_short_shared_prefix_does_not_evict_a_long_document(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    doc = tokenizer(prompt(50), add_special_tokens=False).input_ids
+    engine.generate(doc, Sampling(max_tokens=2, temperature=0))
+    other = doc[:3] + tokenizer(" something else entirely", add_special_tokens=False).input_ids
+    assert engine.generate(other, Sampling(max_tokens=2, temperature=0)).cached_tokens == 0
+    again = engine.generate(doc[:-1] + [doc[-1]], Sampling(max_tokens=2, temperature=0))
+    assert again.cached_tokens == len(doc) - 1  # the document's cache was still there
+
+
+def test_chat_answers_past_sixteen_tokens_by_default(live):
+    reply = live.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  temperature=0)
+    assert reply.choices[0].finish_reason == "stop" or reply.usage.completion_tokens > 16
+
+
+def test_serve_refuses_torchrun(monkeypatch, capsys):
+    from selfextend.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["serve", "--port", "0"]) == 2
+    assert "without torchrun" in capsys.readouterr().err

@@ -177,6 +177,10 @@ def cmd_eval(args) -> int:
         print(f"interrupted: {done} samples saved to {args.out}; re-run the same command to resume",
               file=sys.stderr)
         return 130
+    from .models import is_main_process
+
+    if not is_main_process():  # rank 0 summarizes and plots
+        return 0
     result = write_results(args.out, args.task, config={
         "task": args.task, "methods": [m.label for m in methods], "lengths": lengths, "depths": config.depths,
         "samples": args.samples, "seed": args.seed, "task_args": task_args, "model": config.model_name,
@@ -208,9 +212,11 @@ def _serve_method(model, args) -> str:
         return "the server runs the model as trained (--no-extend); restart it without --no-extend"
     target = args.target_length or 4 * trained_length_of(model.config)
     if args.method:
-        spec = args.method
-        selfextend.apply(model, method=spec.name, target_length=target, **spec.params)
-        return "restart the server with a larger --target-length"
+        spec = args.method  # explicit parameters stand alone; a bare method name is sized for 4x L
+        method_target = args.target_length if (spec.params or args.target_length) else target
+        selfextend.apply(model, method=spec.name, target_length=method_target, **spec.params)
+        return (f"restart the server with --method {spec.name} and a larger --target-length (or other "
+                "parameters)")
     if args.group_size or args.window:
         selfextend.apply(model, group_size=args.group_size, window=args.window,
                          target_length=args.target_length, backend=args.backend)
@@ -233,12 +239,16 @@ def cmd_serve(args) -> int:
     from .serve.app import create_app
     from .serve.engine import Engine
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("serve runs one process: start it without torchrun (or use vLLM for tensor parallel "
+                         "serving)")
     model, tokenizer = _load(args)
     hint = _serve_method(model, args)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("selfextend").setLevel(logging.INFO)
     engine = Engine(model, tokenizer, cache_bytes=args.cache_mb * 2**20, extend_hint=hint)
-    name = args.name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
+    default_name = Path(args.model).name.removesuffix(".gguf") if args.model else "SmolLM2-135M-Instruct"
+    name = args.name or default_name
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
     active = selfextend.active(model)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1, reading up to {engine.reach} tokens "
@@ -385,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .models import is_main_process
 
-    if not is_main_process():  # under torchrun every rank computes; rank 0 alone prints and writes
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if not is_main_process():  # under torchrun every rank computes; rank 0 alone prints (errors still show)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     parser = build_parser()
     try:  # argparse exits on a bad flag: one "error:" line (cli_args.Parser), exit code 2
         args = parser.parse_args(argv)

@@ -114,7 +114,7 @@ def selfextend_config(model_config, params: Mapping[str, Any],
     check_backend_name(backend, "self-extend")
     if target_length is not None:
         check_number("target_length", target_length, minimum=1, integer=True)
-    if group_size is None and window is None and target_length is None:
+    if group_size is None and target_length is None:
         raise ValueError(
             "pass group_size and window (e.g. group_size=4, window=1024), or target_length=<tokens to read> "
             "to choose them by the authors' rule."

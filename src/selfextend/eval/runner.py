@@ -202,6 +202,18 @@ class _Discard:
         pass
 
 
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank of a ``torchrun`` launch (tensor-parallel ranks must run the same
+    samples, whatever copy of --out they see); ``value`` itself without one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _barrier() -> None:
     """Wait for every rank of a ``torchrun`` launch (nothing without one)."""
     import torch.distributed as dist
@@ -212,9 +224,10 @@ def _barrier() -> None:
 
 def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
          progress: bool, write: bool) -> list[dict[str, Any]]:
-    done = latest_rows(read_rows(path)[0])
     cells = plan(config)
-    todo = [c for c in cells if _key(config, c) not in done]
+    done = latest_rows(read_rows(path)[0]) if write else {}
+    todo = _broadcast([i for i, c in enumerate(cells) if _key(config, c) not in done] if write else None)
+    todo = [cells[i] for i in todo]
     prompts: dict[tuple, Sample] = {}
 
     from tqdm.auto import tqdm

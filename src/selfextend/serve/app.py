@@ -58,7 +58,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -93,6 +93,7 @@ class Job:
     prompt: list[int]
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
+    stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then the Result or an error
     cancelled: bool = False
 
@@ -108,11 +109,13 @@ class Worker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="selfextend-worker", daemon=True)
         self.busy = False
+        self.current: Job | None = None
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
+        """Refuse the queued jobs, cancel the running one at its next token, wait for the thread."""
         while True:  # queued jobs will not run: tell their clients
             try:
                 job = self.jobs.get_nowait()
@@ -120,6 +123,8 @@ class Worker:
                 break
             if job is not None:
                 job.emit(APIError(503, "the server is shutting down", "server_error", code="shutting_down"))
+        if self.current is not None:
+            self.current.cancelled = True
         self.jobs.put(None)
         self.thread.join(timeout=60)
 
@@ -137,9 +142,10 @@ class Worker:
                 return
             if job.cancelled:
                 continue
-            self.busy = True
+            self.busy, self.current = True, job
             try:
-                result = self.engine.generate(job.prompt, job.sampling, on_text=job.emit,
+                on_text = job.emit if job.stream else None
+                result = self.engine.generate(job.prompt, job.sampling, on_text=on_text,
                                               cancelled=lambda job=job: job.cancelled)
                 job.emit(result)
             except ContextLengthError as err:
@@ -148,7 +154,25 @@ class Worker:
                 logger.exception("request failed")
                 job.emit(APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error"))
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
+
+
+class APIKey:
+    """Plain ASGI middleware checking ``Authorization: Bearer KEY`` on the /v1 routes. (Starlette's
+    ``BaseHTTPMiddleware`` would hide client disconnects from the endpoints: nothing would be cancelled.)"""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"authorization", b"") != self.expected:
+                error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                 code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
@@ -180,13 +204,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         message = f"{param}: {msg}" if param else msg
         return APIError(400, message, param=param, code="invalid_value").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(APIKey, key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -203,11 +222,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req: _Common, max_tokens: int | None) -> Sampling:
+    def sampling(req: _Common, max_tokens: int | None, default: int = DEFAULT_MAX_TOKENS) -> Sampling:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4:
             raise APIError(400, "stop: at most 4 stop strings", param="stop")
-        return Sampling(max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=req.temperature,
+        return Sampling(max_tokens=max_tokens or default, temperature=req.temperature,
                         top_p=req.top_p, seed=req.seed, stop=stop)
 
     @app.post("/v1/completions")
@@ -240,7 +259,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             ids = engine.chat_prompt(messages)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
-        params = sampling(req, req.max_completion_tokens or req.max_tokens)
+        # chat's default, as OpenAI's and vLLM's: answer until the end of text or of what the model reads
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, max(1, engine.reach - len(ids)))
         return await _respond(request, req, ids, params, "chat.completion", model_name)
 
     async def _respond(request: Request, req: _Common, ids: list[int], params: Sampling, kind: str,
@@ -250,7 +270,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         except ContextLengthError as err:
             param = "messages" if kind == "chat.completion" else "prompt"
             raise APIError(400, str(err), param=param, code="context_length_exceeded") from None
-        job = Job(ids, params, asyncio.get_running_loop())
+        job = Job(ids, params, asyncio.get_running_loop(), stream=req.stream)
         worker.submit(job)
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
@@ -283,26 +303,31 @@ def _lifespan(worker: Worker):
         try:
             yield
         finally:
-            logger.info("shutting down: finishing the running request")
-            worker.stop()
+            logger.info("shutting down: cancelling the running request, refusing queued ones")
+            await asyncio.to_thread(worker.stop)  # the event loop keeps serving while the worker stops
 
     return lifespan
 
 
 async def _wait(job: Job, request: Request) -> Result:
-    """The job's result; a client that goes away meanwhile cancels it."""
-    while True:
-        try:
-            item = await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled = True
-                raise APIError(499, "client disconnected", code="client_closed") from None
-            continue
-        if isinstance(item, APIError):
-            raise item
-        if isinstance(item, Result):
-            return item
+    """The job's result; a client that goes away meanwhile (or a cancelled handler) cancels it."""
+    done = False
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected", code="client_closed") from None
+                continue
+            if isinstance(item, APIError):
+                raise item
+            if isinstance(item, Result):
+                done = True
+                return item
+    finally:
+        if not done:
+            job.cancelled = True
 
 
 def _usage(result: Result) -> dict[str, Any]:

@@ -79,10 +79,11 @@ class StopText:
 
 
 def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
-    """One token from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
+    """One token from (vocab,) logits: argmax at temperature 0, else nucleus sampling (on the CPU, with a
+    CPU generator, so a seed gives the same tokens whatever device the model runs on)."""
     if params.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p  # the smallest set reaching top_p
@@ -108,14 +109,22 @@ class Engine:
         return api.max_length(self.model)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        """A completion prompt as the model reads text: with its BOS token, as ``tokenizer(text)`` gives."""
+        return self.tokenizer(text).input_ids
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The model's chat template with the assistant's turn opened."""
+        """The model's chat template with the assistant's turn opened (the template writes any BOS itself)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - jinja2's TemplateError: the template refuses these messages
+            raise ValueError(f"the model's chat template refuses these messages: {err}") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
 
     def check_length(self, prompt: list[int], max_tokens: int) -> list[int]:
         """The tokens the model will read (``truncate`` keeps the last ones), or a ``ContextLengthError``."""
@@ -141,7 +150,7 @@ class Engine:
         if len(new) >= PROGRESS_TOKENS:
             logger.info("prefill: %d new tokens (%d cached)", len(new), cached)
         with _progress(self.model, len(new)):
-            out = self.model(torch.tensor([new]), use_cache=True, logits_to_keep=1,
+            out = self.model(torch.tensor([new], device=self.device), use_cache=True, logits_to_keep=1,
                              **({self._cache_arg: cache} if cache is not None else {}))
         cache = output_cache(out)
         prefill = time.perf_counter() - t0
@@ -168,7 +177,7 @@ class Engine:
                 break
             if len(generated) == params.max_tokens:
                 break
-            out = self.model(torch.tensor([[token]]), use_cache=True, logits_to_keep=1,
+            out = self.model(torch.tensor([[token]], device=self.device), use_cache=True, logits_to_keep=1,
                              **{self._cache_arg: cache})
             cache, logits = output_cache(out), out.logits[0, -1]
             fed.append(token)

@@ -28,6 +28,18 @@ def cache_nbytes(cache: Any) -> int:
     return total
 
 
+def _croppable(entry: Entry, keep: int) -> bool:
+    """Whether ``entry``'s cache can be cut back to ``keep`` tokens: every layer still holds all its keys
+    (a sliding-window layer past its window has dropped the oldest and cannot be cropped)."""
+    if keep >= len(entry.tokens):
+        return True
+    for layer in getattr(entry.cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() >= 3 and keys.shape[-2] < len(entry.tokens):
+            return False
+    return True
+
+
 def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -62,21 +74,29 @@ class PrefixCache:
 
     def take(self, tokens: list[int]) -> tuple[Any, int]:
         """``(cache, reused)``: the stored cache sharing the longest prefix with ``tokens``, cropped to
-        ``reused`` tokens (at most ``len(tokens) - 1``), or ``(None, 0)``."""
+        ``reused`` tokens (at most ``len(tokens) - 1``), or ``(None, 0)``.
+
+        An entry is taken only when the shared prefix is at least half of what it holds: a short match (a
+        chat template's header, a BOS) would crop away a long document that the next question about it needs.
+        Caches whose sliding-window layers have dropped old keys cannot be cropped: they are reused only
+        when nothing needs cropping."""
         with self._lock:
             best, best_len = None, 0
             for key, entry in self._entries.items():
                 n = common_prefix(entry.tokens, tokens)
-                if n > best_len:
-                    best, best_len = key, n
-            reused = min(best_len, len(tokens) - 1)
-            if best is None or reused <= 0:
+                reused = min(n, len(tokens) - 1)
+                if reused > best_len and 2 * reused >= len(entry.tokens) and _croppable(entry, reused):
+                    best, best_len = key, reused
+            if best is None:
                 return None, 0
             entry = self._entries.pop(best)
-        extra = len(entry.tokens) - reused
+        extra = len(entry.tokens) - best_len
         if extra > 0:
-            entry.cache.crop(-extra)  # negative: remove that many tokens (every transformers 5.x)
-        return entry.cache, reused
+            try:
+                entry.cache.crop(-extra)  # negative: remove that many tokens (every transformers 5.x)
+            except (RuntimeError, ValueError):  # a cache layer that cannot go back: no reuse, no failure
+                return None, 0
+        return entry.cache, best_len
 
     def put(self, tokens: list[int], cache: Any) -> None:
         """Keep ``cache`` (holding ``tokens``); least recently used entries leave to stay within the bound."""
