@@ -184,7 +184,8 @@ def markdown(summary: dict[str, Any], task: str) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if summary.get("missing"):
         lines.append(f"\n{summary['missing']} of {summary['expected']} samples the runs asked for are "
-                     "missing (interrupted?): re-run the same eval command to complete them.")
+                     "missing (an interrupted run, or shards not run yet): re-run the same eval command "
+                     "(each shard with its --shard) to complete them.")
     return "\n".join(lines)
 
 
