@@ -370,3 +370,19 @@ def test_two_shards_one_killed_and_rerun_report_like_one_run(tiny_dir, tmp_path)
     other_seed = subprocess.run(_eval_cmd(tiny_dir, out) + ["--shard", "1/2", "--seed", "5"],
                                 capture_output=True, text=True, env=env, timeout=600)
     assert other_seed.returncode == 2 and "seed=0" in other_seed.stderr
+
+
+def test_missing_samples_are_counted_sample_by_sample(tiny_dir, tmp_path):
+    """A second run that adds depths to a finished cell and stops before its first sample: its samples are
+    missing even though the cell already holds as many rows as the second run asked for."""
+    from selfextend.eval.runner import record_run
+
+    model, tokenizer = selfextend.load_model(tiny_dir)
+    first = EvalConfig("passkey", [parse_method("vanilla")], [300], [0.1, 0.5], 1, 0, {}, str(tiny_dir))
+    run_eval(model, tokenizer, first, tmp_path, progress=False)
+    assert write_results(tmp_path, "passkey")["missing"] == 0
+    second = EvalConfig("passkey", [parse_method("vanilla")], [300], [0.3, 0.7], 1, 0, {}, str(tiny_dir))
+    record_run(tmp_path, second)  # what run_eval does before its first sample
+    summary = write_results(tmp_path, "passkey")
+    assert summary["missing"] == 2 and summary["expected"] == 4
+    assert summary["results"]["vanilla"]["300"]["missing"] == 2

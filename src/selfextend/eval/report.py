@@ -102,16 +102,23 @@ def _ordered(values):
     return seen
 
 
-def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None,
+              planned: set[tuple] | None = None) -> dict[str, Any]:
     """``{method: {length: cell}}`` in first-seen method order; ``cell`` has accuracy (retrieval) or ppl.
 
-    ``cells`` (from the run file: ``"method|length" -> samples asked for``) adds ``expected`` and ``missing``
-    to every cell a run asked for, including those with no row yet."""
+    ``planned`` (from the run files: every sample key a run asked for) adds ``expected`` and ``missing`` to
+    every cell, counted sample by sample; ``cells`` (``"method|length" -> samples asked for``, run files of
+    older versions) counts them per cell instead."""
+    present = set(latest_rows(rows))
     rows = list(latest_rows(rows).values())
-    cells = cells or {}
-    planned = [(k.rsplit("|", 1)[0], int(k.rsplit("|", 1)[1])) for k in cells]
-    methods = _ordered([r["method"] for r in rows] + [m for m, _ in planned])
-    lengths = sorted({int(r["length"]) for r in rows} | {n for _, n in planned})
+    cells = dict(cells or {})
+    if planned:
+        cells = {}
+        for key in planned:  # (task, method, length, depth, sample)
+            cells[f"{key[1]}|{key[2]}"] = cells.get(f"{key[1]}|{key[2]}", 0) + 1
+    asked = [(k.rsplit("|", 1)[0], int(k.rsplit("|", 1)[1])) for k in cells]
+    methods = _ordered([r["method"] for r in rows] + [m for m, _ in asked])
+    lengths = sorted({int(r["length"]) for r in rows} | {n for _, n in asked})
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
         table[method] = {}
@@ -148,17 +155,22 @@ def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None) -
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
                 }
     missing = 0
+    absent: dict[str, int] = {}
+    for key in planned or ():
+        if key not in present:
+            absent[f"{key[1]}|{key[2]}"] = absent.get(f"{key[1]}|{key[2]}", 0) + 1
     for key, expected in cells.items():
         method, length = key.rsplit("|", 1)
         cell = table[method].setdefault(length, {"n": 0})
-        cell["expected"] = expected
-        cell["missing"] = max(0, expected - cell["n"])
+        cell["missing"] = absent.get(key, 0) if planned else max(0, expected - cell["n"])
+        cell["expected"] = cell["n"] + cell["missing"] if planned else expected
         missing += cell["missing"]
     params = {r["method"]: {} for r in rows}
     for r in rows:
         params[r["method"]][str(r["length"])] = r.get("params", {})
+    expected = sum(c.get("expected", c["n"]) for m in table.values() for c in m.values()) if cells else 0
     return {"methods": methods, "lengths": lengths, "results": table, "params": params, "n_rows": len(rows),
-            "missing": missing, "expected": sum(cells.values())}
+            "missing": missing, "expected": expected}
 
 
 def markdown(summary: dict[str, Any], task: str) -> str:
@@ -218,13 +230,16 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
     if not rows:
         raise ValueError(f"no results for task {task!r} in {out} (expected {SAMPLES_FILE.format(task=task)})")
     cells: dict[str, int] = {}
+    planned: set[tuple] = set()
     for run in task_files(out, RUN_FILE, task):
         try:
-            for key, n in json.loads(run.read_text(encoding="utf-8")).get("cells", {}).items():
-                cells[key] = max(cells.get(key, 0), n)
+            data = json.loads(run.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-    summary = summarize(rows, cells)
+        for key, n in data.get("cells", {}).items():
+            cells[key] = max(cells.get(key, 0), n)
+        planned |= {tuple(k) for k in data.get("planned", [])}
+    summary = summarize(rows, cells, planned)
     path = out / RESULTS_FILE.format(task=task)
     try:
         previous = json.loads(path.read_text()) if path.exists() else {}

@@ -347,8 +347,11 @@ def record_run(out: Path, config: EvalConfig) -> None:
         for length in config.lengths:
             key = f"{spec.label}|{length}"
             cells[key] = max(cells.get(key, 0), per_cell)
+    # every sample any run into this --out asked for (the whole grid, whichever shard this is)
+    planned = {tuple(k) for k in previous.get("planned", [])}
+    planned |= {_key(config, cell) for cell in plan(EvalConfig(**{**config.__dict__, "shard": None}))}
     write_json_atomic(path, {"task": config.task, "identity": identity, "versions": versions(),
-                             "cells": cells})
+                             "cells": cells, "planned": sorted(planned, key=repr)})
 
 
 def _key(config: EvalConfig, cell) -> tuple:
