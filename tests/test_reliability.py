@@ -234,6 +234,13 @@ def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError("no rows appeared")
 
 
+def results_table(folder: Path) -> dict:
+    """The passkey table ``report`` wrote: (correct, n, missing) per method and length."""
+    results = json.loads((folder / "results_passkey.json").read_text())["results"]
+    return {m: {n: (c["correct"], c["n"], c.get("missing", 0)) for n, c in cells.items()}
+            for m, cells in results.items()}
+
+
 def _keys(path: Path) -> list[tuple]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return sorted((r["method"], r["length"], r["depth"], r["sample"]) for r in rows)
@@ -270,12 +277,7 @@ def test_interrupted_eval_resumes_every_cell_exactly_once(tiny_dir, tmp_path, si
     assert _keys(samples) == _keys(reference / "samples_passkey.jsonl")  # every cell exactly once
     assert len(_keys(samples)) == 36
 
-    def table(folder: Path) -> dict:
-        results = json.loads((folder / "results_passkey.json").read_text())["results"]
-        return {m: {n: (c["correct"], c["n"], c.get("missing", 0)) for n, c in cells.items()}
-                for m, cells in results.items()}
-
-    assert table(out) == table(reference)
+    assert results_table(out) == results_table(reference)
 
 
 # --- property tests ----------------------------------------------------------------------------------------
@@ -361,12 +363,7 @@ def test_two_shards_one_killed_and_rerun_report_like_one_run(tiny_dir, tmp_path)
                             capture_output=True, text=True, env=env, timeout=120)
     assert report.returncode == 0 and "missing" not in report.stdout, report.stdout
 
-    def table(folder: Path) -> dict:
-        results = json.loads((folder / "results_passkey.json").read_text())["results"]
-        return {m: {n: (c["correct"], c["n"], c.get("missing", 0)) for n, c in cells.items()}
-                for m, cells in results.items()}
-
-    assert table(out) == table(whole)
+    assert results_table(out) == results_table(whole)
     other_seed = subprocess.run(_eval_cmd(tiny_dir, out) + ["--shard", "1/2", "--seed", "5"],
                                 capture_output=True, text=True, env=env, timeout=600)
     assert other_seed.returncode == 2 and "seed=0" in other_seed.stderr

@@ -72,16 +72,21 @@ def fraction(text: str) -> float:
     return value
 
 
-def lengths(text: str) -> list[int]:
-    from .eval.runner import parse_length
-
+def _comma_list(text: str, parse, what: str, example: str) -> list:
+    """``parse`` applied to each item of a comma list; its ValueError becomes argparse's error."""
     try:
-        values = [parse_length(n) for n in text.split(",") if n.strip()]
+        values = [parse(item) for item in text.split(",") if item.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     if not values:
-        raise argparse.ArgumentTypeError("no lengths given; e.g. 4k,8k,16k")
+        raise argparse.ArgumentTypeError(f"no {what} given; e.g. {example}")
     return values
+
+
+def lengths(text: str) -> list[int]:
+    from .eval.runner import parse_length
+
+    return _comma_list(text, parse_length, "lengths", "4k,8k,16k")
 
 
 def depths(text: str) -> list[float]:
@@ -96,13 +101,7 @@ def depths(text: str) -> list[float]:
 def methods(text: str) -> list:
     from .eval.runner import parse_method
 
-    try:
-        specs = [parse_method(m) for m in text.split(",") if m.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if not specs:
-        raise argparse.ArgumentTypeError("no methods given; e.g. vanilla,self-extend")
-    return specs
+    return _comma_list(text, parse_method, "methods", "vanilla,self-extend")
 
 
 def method(text: str):

@@ -102,21 +102,15 @@ def _ordered(values):
     return seen
 
 
-def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None,
-              planned: set[tuple] | None = None) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], planned: set[tuple] | None = None) -> dict[str, Any]:
     """``{method: {length: cell}}`` in first-seen method order; ``cell`` has accuracy (retrieval) or ppl.
 
-    ``planned`` (from the run files: every sample key a run asked for) adds ``expected`` and ``missing`` to
-    every cell, counted sample by sample; ``cells`` (``"method|length" -> samples asked for``, run files of
-    older versions) counts them per cell instead."""
-    present = set(latest_rows(rows))
-    rows = list(latest_rows(rows).values())
-    cells = dict(cells or {})
-    if planned:
-        cells = {}
-        for key in planned:  # (task, method, length, depth, sample)
-            cells[f"{key[1]}|{key[2]}"] = cells.get(f"{key[1]}|{key[2]}", 0) + 1
-    asked = [(k.rsplit("|", 1)[0], int(k.rsplit("|", 1)[1])) for k in cells]
+    ``planned`` (from the run files: every sample key ``(task, method, length, depth, sample)`` a run asked
+    for) adds ``expected`` and ``missing`` to every cell a run asked for, counted sample by sample."""
+    latest = latest_rows(rows)
+    rows = list(latest.values())
+    planned = planned or set()
+    asked = sorted({(key[1], int(key[2])) for key in planned}, key=repr)
     methods = _ordered([r["method"] for r in rows] + [m for m, _ in asked])
     lengths = sorted({int(r["length"]) for r in rows} | {n for _, n in asked})
     table: dict[str, dict[str, Any]] = {}
@@ -155,20 +149,18 @@ def summarize(rows: list[dict[str, Any]], cells: dict[str, int] | None = None,
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
                 }
     missing = 0
-    absent: dict[str, int] = {}
-    for key in planned or ():
-        if key not in present:
-            absent[f"{key[1]}|{key[2]}"] = absent.get(f"{key[1]}|{key[2]}", 0) + 1
-    for key, expected in cells.items():
-        method, length = key.rsplit("|", 1)
-        cell = table[method].setdefault(length, {"n": 0})
-        cell["missing"] = absent.get(key, 0) if planned else max(0, expected - cell["n"])
-        cell["expected"] = cell["n"] + cell["missing"] if planned else expected
-        missing += cell["missing"]
+    for method, length in asked:
+        table[method].setdefault(str(length), {"n": 0}).setdefault("missing", 0)
+    for key in planned - set(latest):
+        table[key[1]][str(key[2])]["missing"] += 1
+        missing += 1
+    for method, length in asked:
+        cell = table[method][str(length)]
+        cell["expected"] = cell["n"] + cell["missing"]
     params = {r["method"]: {} for r in rows}
     for r in rows:
         params[r["method"]][str(r["length"])] = r.get("params", {})
-    expected = sum(c.get("expected", c["n"]) for m in table.values() for c in m.values()) if cells else 0
+    expected = sum(table[method][str(length)]["expected"] for method, length in asked)
     return {"methods": methods, "lengths": lengths, "results": table, "params": params, "n_rows": len(rows),
             "missing": missing, "expected": expected}
 
@@ -229,17 +221,13 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
                 for n in file_bad]
     if not rows:
         raise ValueError(f"no results for task {task!r} in {out} (expected {SAMPLES_FILE.format(task=task)})")
-    cells: dict[str, int] = {}
     planned: set[tuple] = set()
     for run in task_files(out, RUN_FILE, task):
         try:
-            data = json.loads(run.read_text(encoding="utf-8"))
+            planned |= {tuple(k) for k in json.loads(run.read_text(encoding="utf-8")).get("planned", [])}
         except (OSError, json.JSONDecodeError):
             continue
-        for key, n in data.get("cells", {}).items():
-            cells[key] = max(cells.get(key, 0), n)
-        planned |= {tuple(k) for k in data.get("planned", [])}
-    summary = summarize(rows, cells, planned)
+    summary = summarize(rows, planned)
     path = out / RESULTS_FILE.format(task=task)
     try:
         previous = json.loads(path.read_text()) if path.exists() else {}

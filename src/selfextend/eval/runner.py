@@ -298,9 +298,15 @@ def run_identity(config: EvalConfig) -> dict[str, Any]:
             "task_args": json.loads(json.dumps(config.task_args, sort_keys=True, default=str))}
 
 
+def identity_differences(recorded: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """The identity fields in which ``recorded`` and ``identity`` differ (an unknown model size matches)."""
+    return [k for k in IDENTITY if k in recorded and recorded[k] != identity[k]
+            and not (k == "model_bytes" and 0 in (recorded[k], identity[k]))]
+
+
 def record_run(out: Path, config: EvalConfig) -> None:
     """Refuse to add rows to a samples file made by another run (model, dtype, seed, task parameters);
-    otherwise record this run's identity and the cells it asks for (``report`` counts the missing ones)."""
+    otherwise record this run's identity and every sample it asks for (``report`` counts the missing ones)."""
     part = shard_part(config.shard)
     path = out / RUN_FILE.format(task=config.task + part)
     samples = out / SAMPLES_FILE.format(task=config.task + part)
@@ -311,8 +317,7 @@ def record_run(out: Path, config: EvalConfig) -> None:
                 theirs = json.loads(other.read_text(encoding="utf-8")).get("identity", {})
             except (OSError, json.JSONDecodeError):
                 continue
-            differ = [k for k in IDENTITY if k in theirs and theirs[k] != identity[k]
-                      and not (k == "model_bytes" and 0 in (theirs[k], identity[k]))]
+            differ = identity_differences(theirs, identity)
             if differ:
                 raise ValueError(f"{other.name} in {out} was made with "
                                  + ", ".join(f"{k}={theirs[k]!r}" for k in differ)
@@ -332,26 +337,18 @@ def record_run(out: Path, config: EvalConfig) -> None:
             recorded = {"model": first.get("model", ""), "dtype": first.get("dtype", config.dtype),
                         "seed": int(first.get("seed", 0)) - int(first.get("sample", 0))}
     if recorded is not None:
-        differ = [k for k in IDENTITY if k in recorded and recorded[k] != identity[k]
-                  and not (k == "model_bytes" and 0 in (recorded[k], identity[k]))]
+        differ = identity_differences(recorded, identity)
         if differ:
             was = ", ".join(f"{k}={recorded[k]!r}" for k in differ)
             now = ", ".join(f"{k}={identity[k]!r}" for k in differ)
             raise ValueError(f"{out} holds {config.task} samples made with {was}; this run has {now}. "
                              "Results of different runs are never pooled: use another --out, or delete "
                              f"{samples} to start over")
-    cells = dict(previous.get("cells", {}))
-    task = TASKS.get(config.task)
-    per_cell = (len(config.depths or [0.5]) if task.uses_depth else 1) * config.samples
-    for spec in config.methods:
-        for length in config.lengths:
-            key = f"{spec.label}|{length}"
-            cells[key] = max(cells.get(key, 0), per_cell)
     # every sample any run into this --out asked for (the whole grid, whichever shard this is)
     planned = {tuple(k) for k in previous.get("planned", [])}
     planned |= {_key(config, cell) for cell in plan(EvalConfig(**{**config.__dict__, "shard": None}))}
     write_json_atomic(path, {"task": config.task, "identity": identity, "versions": versions(),
-                             "cells": cells, "planned": sorted(planned, key=repr)})
+                             "planned": sorted(planned, key=repr)})
 
 
 def _key(config: EvalConfig, cell) -> tuple:
