@@ -49,6 +49,15 @@ step_tune() {  # TUNE_LENGTHS / TUNE_MINUTES pick the lengths and the budget of 
   done
 }
 
+T=docs/results/passkey_n10  # issue 18: 10 samples per cell (5 depths x seeds 0, 1)
+step_trust_passkey() {  # cheapest first: in-window reference, SelfExtend at 16k/24k, then the others, then 32k
+  $SE eval passkey "${C[@]}" --methods vanilla --lengths 8k --depths $D5 --samples 2 --out $T
+  $SE eval passkey "${C[@]}" --methods self-extend --lengths 16k,24k --depths $D5 --samples 2 --out $T
+  $SE eval passkey "${C[@]}" --methods truncate,dynamic-ntk,dca,yarn,vanilla --lengths 16k --depths $D5 --samples 2 --out $T
+  $SE eval passkey "${C[@]}" --methods truncate,dynamic-ntk,dca,yarn,vanilla --lengths 24k --depths $D5 --samples 2 --out $T
+  $SE eval passkey "${C[@]}" --methods self-extend,dynamic-ntk,truncate,dca,yarn,vanilla --lengths 32k --depths $D5 --samples 2 --out $T
+}
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long tune temperature ruler_more)
 for s in "${steps[@]}"; do "step_$s"; done
