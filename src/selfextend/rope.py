@@ -51,14 +51,28 @@ def rotate_by(
             out[:, :, s : s + _CHUNK] = rotate_by(x[:, :, s : s + _CHUNK], delta[:, s : s + _CHUNK],
                                                   inv_freq, layout)
         return out
-    half = inv_freq.numel()
-    rd = 2 * half
     work = torch.promote_types(x.dtype, torch.float32)
-    # angles in fp64: positions reach 1e5+ and an fp32 angle there is off by ~1e-2 rad
-    angle = (delta.to(device=x.device, dtype=torch.float64)[:, None, :, None]
-             * inv_freq.to(device=x.device, dtype=torch.float64))
-    cos, sin = angle.cos().to(work), angle.sin().to(work)  # (B, 1, T, rd/2)
-    xr = x[..., :rd].to(work)
+    cos, sin = rotation_table(delta.to(x.device)[:, None, :], inv_freq, work)  # (B, 1, T, rd/2)
+    return rotate_with(x, cos, sin, layout)
+
+
+def rotation_table(delta: torch.Tensor, inv_freq: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of ``delta[..., None] * inv_freq`` (shape ``delta.shape + (rd/2,)``), in ``dtype``.
+
+    Angles in fp64: positions reach 1e5+ and an fp32 angle there is off by ~1e-2 rad. A table depends on the
+    deltas only, so callers whose deltas repeat (every layer of a forward, every step of a decode) keep it."""
+    angle = delta.to(torch.float64)[..., None] * inv_freq.to(device=delta.device, dtype=torch.float64)
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                layout: str = "rotate_half") -> torch.Tensor:
+    """Rotate ``x`` (..., D) by a table from ``rotation_table`` (broadcastable to ``x``'s leading dims, last
+    dim rd/2), computing in the table's dtype; returns ``x``'s dtype."""
+    half = cos.shape[-1]
+    rd = 2 * half
+    xr = x[..., :rd].to(cos.dtype)
     if layout == "rotate_half":
         x1, x2 = xr[..., :half], xr[..., half:]
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,58 @@
+"""Per-engine plumbing shared by the plugin's backends: read the settings once, refuse what cannot be exact,
+and hand every layer of a model the same ``PagedMethod`` (its rotation tables are per engine, not per layer).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .paged import PagedMethod, method_for
+from .settings import Settings, original_length, refusal, resolve
+
+logger = logging.getLogger("selfextend")
+
+_methods: dict[tuple, PagedMethod] = {}
+
+
+def engine_settings(vllm_config) -> Settings | None:
+    """The settings the engine's model config asks for, validated (None: vanilla)."""
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_text_config
+    if not any(getattr(hf_config, key, None) is not None for key in ("selfextend", "dca")):
+        return None
+    trained = original_length(model_config.hf_config_path or model_config.model, model_config.revision)
+    return resolve(hf_config, trained_length=trained)
+
+
+def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, softcap: float | None,
+                 extra: dict[str, Any]) -> PagedMethod | None:
+    """The method one attention layer runs, or None to leave the layer to vLLM; raises (at engine start) what
+    the paged path cannot compute exactly."""
+    settings = engine_settings(vllm_config)
+    if settings is None:
+        return None
+    model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+    hf_config = model_config.hf_text_config
+    trained = settings.config.trained_length
+    reason = refusal(
+        hf_config, settings, max_model_len=model_config.max_model_len,
+        raised=getattr(hf_config, "max_position_embeddings", trained) > trained,
+        cache_dtype=str(vllm_config.cache_config.cache_dtype),
+        context_parallel=max(getattr(parallel, "decode_context_parallel_size", 1),
+                             getattr(parallel, "prefill_context_parallel_size", 1)),
+        sliding_window=sliding_window, attn_type=str(getattr(attn_type, "value", attn_type)),
+        softcap=softcap)
+    if reason is None and extra.get("dual_chunk_attention_config"):
+        reason = ("the model config carries dual_chunk_attention_config, which makes vLLM rotate q/k for its "
+                  "removed DCA backend; serve it through the plugin's DCA instead: "
+                  "selfextend.integrations.vllm.overrides(model, 'dca') (or `selfextend serve --engine vllm "
+                  "--method dca`) sets dual_chunk_attention_config to null and the dca settings from it.")
+    if reason is not None:
+        raise ValueError(f"selfextend vLLM plugin: {reason}")
+    key = (settings.method, settings.config, tuple(settings.inv_freq.tolist()))
+    if key not in _methods:
+        logger.info("selfextend: vLLM attention runs %s (reach %d tokens)", settings.describe(),
+                    settings.reach)
+        _methods[key] = method_for(settings.config, settings.inv_freq)
+    return _methods[key]

@@ -1,0 +1,160 @@
+"""SelfExtend and DCA over a paged KV cache whose keys stay at their true positions (engine-agnostic torch).
+
+vLLM hands attention q and k rotated at their true positions and keeps keys that way in its paged cache, so
+one cache block can serve a request that reads it as neighbors and another that reads it as grouped keys
+(prefix caching), and chunked prefill, preemption and recompute stay valid untouched. Each call gathers a
+request's keys through its block table (memory linear in its length), moves queries and keys to the method's
+positions by delta rotations, and hands them to a backend of ``selfextend.backends`` (one softmax, no
+``L x L`` matrix with the blockwise ``cpu`` backend).
+
+A delta depends only on a position, so its cos/sin rows are computed once per engine (``RotationTable``) and
+read by every layer, request and decode step: a decode step rotates its keys with a lookup, not trigonometry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...backends import DCAInputs, SelfExtendInputs, select_backend
+from ...config import DCAConfig, SelfExtendConfig
+from ...positions import (
+    chunk_key_positions,
+    grouped_key_positions,
+    grouped_query_positions,
+    inter_chunk_query_positions,
+    intra_chunk_query_positions,
+    query_temperature,
+    successive_chunk_query_positions,
+)
+from ...rope import rotate_with, rotation_table
+
+_GROW = 4096  # table rows are added this many at a time (rounded up)
+
+
+class RotationTable:
+    """cos/sin (fp32) of the rotation by ``delta(p)`` for positions ``p < len``; grown on demand, per
+    device."""
+
+    def __init__(self, delta, inv_freq: torch.Tensor) -> None:
+        self.delta = delta  # positions (n,) long -> deltas (n,) long
+        self.inv_freq = inv_freq.to(torch.float32).cpu()
+        self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``(n, 1, rd/2)`` for positions ``pos`` (n,)."""
+        cos, sin = self.tables.get(pos.device, (None, None))
+        need = int(pos.max()) + 1
+        if cos is None or cos.shape[0] < need:
+            size = -(-need // _GROW) * _GROW
+            p = torch.arange(size, device=pos.device)
+            cos, sin = self.tables[pos.device] = rotation_table(self.delta(p), self.inv_freq.to(pos.device))
+        return cos[pos][:, None], sin[pos][:, None]
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor, layout: str) -> torch.Tensor:
+        """``x`` (n, heads, D), token ``t`` rotated at ``pos[t]``, moved to ``pos[t] + delta(pos[t])``."""
+        cos, sin = self.rows(pos)
+        return rotate_with(x, cos, sin, layout)
+
+
+class PagedMethod:
+    """One method's attention for one request: ``attend(query, key, value, scale)``."""
+
+    def __init__(self, config, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
+        self.config = config
+        self.inv_freq = inv_freq
+        self.layout = layout
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
+        """query (q_len, H, D) for the request's last q_len tokens; key/value (T, Hkv, D) for all its T
+        tokens, token t at position t. Returns (q_len, H, Dv)."""
+        q_len, kv_len = query.shape[0], key.shape[0]
+        query_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        key_pos = torch.arange(kv_len, device=query.device)
+        inputs = self.inputs(query, key, query_pos, key_pos, dict(
+            value=_heads_first(value), query_pos=query_pos[None], key_pos=key_pos[None], key_valid=None,
+            q_start=kv_len - q_len, scaling=scale, softcap=softcap))
+        out = select_backend(self.config.backend, inputs).forward(inputs)  # (1, H, q_len, Dv)
+        return out[0].transpose(0, 1)
+
+    def inputs(self, query, key, query_pos, key_pos, common):
+        raise NotImplementedError
+
+    def temperature(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """Query rows past L scaled by the optional temperature (both methods share it)."""
+        if not self.config.temperature:
+            return query
+        factor = query_temperature(query_pos[None], self.config.trained_length, query.dtype)
+        return query if factor is None else query * factor[0, 0, :, :, None]
+
+
+class PagedSelfExtend(PagedMethod):
+    config: SelfExtendConfig
+
+    def __init__(self, config: SelfExtendConfig, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
+        super().__init__(config, inv_freq, layout)
+        G, W = config.group_size, config.window
+        self.keys = RotationTable(lambda p: grouped_key_positions(p, G) - p, inv_freq)
+        self.queries = RotationTable(lambda p: grouped_query_positions(p, G, W) - p, inv_freq)
+
+    def inputs(self, query, key, query_pos, key_pos, common):
+        query = self.temperature(query, query_pos)
+        if int(query_pos[-1]) < self.config.window or self.config.group_size == 1:
+            grouped_query, grouped_key = query, key  # every pair is a neighbor: grouped ones are never read
+        else:
+            grouped_query = self.queries.rotate(query, query_pos, self.layout)
+            grouped_key = self.keys.rotate(key, key_pos, self.layout)
+        return SelfExtendInputs(query=_heads_first(query), key=_heads_first(key),
+                                grouped_query=_heads_first(grouped_query),
+                                grouped_key=_heads_first(grouped_key), window=self.config.window, **common)
+
+
+class PagedDCA(PagedMethod):
+    config: DCAConfig
+
+    def __init__(self, config: DCAConfig, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
+        super().__init__(config, inv_freq, layout)
+        cs, cl = config.chunk_size, config.chunk_len
+        self.keys = RotationTable(lambda p: chunk_key_positions(p, cl) - p, inv_freq)
+        self.intra = RotationTable(lambda p: intra_chunk_query_positions(p, cl) - p, inv_freq)
+        self.succ = RotationTable(lambda p: successive_chunk_query_positions(p, cs, cl) - p, inv_freq)
+        self.inter = RotationTable(lambda p: inter_chunk_query_positions(p, cs) - p, inv_freq)
+
+    def inputs(self, query, key, query_pos, key_pos, common):
+        cfg = self.config
+        if int(query_pos[-1]) < cfg.exact_below:  # plain RoPE for every query: the chunk parts are never read
+            chunk_key, intra, succ, inter = key, query, query, query
+        else:
+            chunk_key = self.keys.rotate(key, key_pos, self.layout)
+            intra, succ, inter = (self.temperature(table.rotate(query, query_pos, self.layout), query_pos)
+                                  for table in (self.intra, self.succ, self.inter))
+        return DCAInputs(query=_heads_first(query), key=_heads_first(key), chunk_key=_heads_first(chunk_key),
+                         query_intra=_heads_first(intra), query_succ=_heads_first(succ),
+                         query_inter=_heads_first(inter), chunk_size=cfg.chunk_size,
+                         local_window=cfg.local_window, exact_below=cfg.exact_below, **common)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(T, heads, D) -> (1, heads, T, D), the backends' layout."""
+    return x.transpose(0, 1)[None]
+
+
+def gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """A request's first ``length`` tokens from a paged cache ``(num_blocks, heads, block_size, D)`` through
+    its block ids: ``(length, heads, D)``."""
+    picked = cache.index_select(0, blocks)  # (n, heads, bs, D)
+    return picked.transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:length]
+
+
+def write(cache: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store ``tokens`` (n, heads, D) at ``slots`` (n,) of ``cache`` (num_blocks, heads, block_size, D);
+    negative slots (padding) are skipped."""
+    keep = slots >= 0
+    if not bool(keep.all()):
+        tokens, slots = tokens[keep], slots[keep]
+    block_size = cache.shape[2]
+    cache[torch.div(slots, block_size, rounding_mode="floor"), :, slots % block_size] = tokens.to(cache.dtype)
+
+
+def method_for(config, inv_freq: torch.Tensor, layout: str = "rotate_half") -> PagedMethod:
+    return (PagedSelfExtend if isinstance(config, SelfExtendConfig) else PagedDCA)(config, inv_freq, layout)
