@@ -73,8 +73,8 @@ def run_engine(tmp_path_factory, engine: dict, runs: list[dict], env: dict | Non
         folder = tmp_path_factory.mktemp("engine")
         (folder / "spec.json").write_text(spec)
         environ = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
-        proc = subprocess.run([sys.executable, str(WORKER), str(folder / "spec.json"), str(folder / "out.json")],
-                              env=environ, capture_output=True, text=True, timeout=600)
+        command = [sys.executable, str(WORKER), str(folder / "spec.json"), str(folder / "out.json")]
+        proc = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not (folder / "out.json").exists():
             raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         _cache[key] = json.loads((folder / "out.json").read_text())
@@ -82,7 +82,7 @@ def run_engine(tmp_path_factory, engine: dict, runs: list[dict], env: dict | Non
 
 
 def reference(model_dir: Path, ids: list[int], method: str = "self-extend", **params) -> list[float]:
-    """Log-probabilities of ``ids[1:]`` from transformers with the method applied (``backend="reference"``)."""
+    """Log-probabilities of ``ids[1:]`` from transformers, the method applied with ``backend="reference"``."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if method != "vanilla":
         selfextend.apply(model, method=method, backend="reference", **params)
@@ -130,7 +130,8 @@ def selfextend_llama(models, tmp_path_factory):
 
 def test_overrides_raise_max_positions(models):
     assert overrides(str(models["llama"]), group_size=G, window=W) == {
-        "selfextend": {"group_size": G, "window": W, "trained_length": TRAINED}, "max_position_embeddings": REACH}
+        "selfextend": {"group_size": G, "window": W, "trained_length": TRAINED},
+        "max_position_embeddings": REACH}
     by_rule = overrides(str(models["llama"]), target_length=600)
     assert by_rule["max_position_embeddings"] >= 600 and by_rule["selfextend"]["trained_length"] == TRAINED
 
@@ -152,7 +153,8 @@ def test_past_reach_refused_and_engine_goes_on(models, selfextend_llama):
     _, runs, result = selfextend_llama
     error = result["runs"][3].get("error", "")
     assert f"maximum context length is {REACH} tokens" in error, error
-    check_equal(models["llama"], runs[4]["prompts"][0], result["runs"][4]["outputs"][0], group_size=G, window=W)
+    check_equal(models["llama"], runs[4]["prompts"][0], result["runs"][4]["outputs"][0],
+                group_size=G, window=W)
 
 
 def test_control_plugin_changes_outputs(models, selfextend_llama, tmp_path_factory):
@@ -163,8 +165,8 @@ def test_control_plugin_changes_outputs(models, selfextend_llama, tmp_path_facto
 
 
 def test_chunked_prefill_and_preemption_equal_transformers(models, tmp_path_factory):
-    # 48-token chunks; 24 blocks of 32 tokens for 3 requests that grow to 13 blocks each: vLLM must preempt one
-    # and recompute it later
+    # 48-token chunks; 24 blocks of 32 tokens for 3 requests that grow to 13 blocks each: vLLM must preempt
+    # one and recompute it later
     engine = {**ENGINE, "model": str(models["llama"]), "max_num_batched_tokens": 48, "max_model_len": 512,
               "num_gpu_blocks_override": 24, "hf_overrides": overrides(str(models["llama"]), group_size=G,
                                                                        window=W)}
@@ -195,7 +197,8 @@ def test_qwen2_selfextend_equals_transformers(models, tmp_path_factory):
 
 def test_dca_from_qwen_config_equals_transformers(models, tmp_path_factory):
     path = models["qwen2-dca"]
-    engine = {**ENGINE, "model": str(path), "max_model_len": 1024, "hf_overrides": overrides(str(path), "dca")}
+    engine = {**ENGINE, "model": str(path), "max_model_len": 1024,
+              "hf_overrides": overrides(str(path), "dca")}
     ids = prompt(600, 51)
     result = run_engine(tmp_path_factory, engine, [{"prompts": [ids]}])
     # transformers reads the same dual_chunk_attention_config (chunk 192, local 16, temperature on)
@@ -235,10 +238,10 @@ def test_bad_settings_fail_at_engine_start_like_apply(models, tmp_path_factory):
 
 def test_refusals_at_engine_start(models, tmp_path_factory):
     path = models["llama"]
-    missing = run_engine(tmp_path_factory, {**ENGINE, "model": str(path),
-                                            "hf_overrides": {"selfextend": {"group_size": G, "window": W}}}, [])
+    bare = {"selfextend": {"group_size": G, "window": W}}  # without max_position_embeddings
+    missing = run_engine(tmp_path_factory, {**ENGINE, "model": str(path), "hf_overrides": bare}, [])
     assert f'"max_position_embeddings": {REACH}' in missing["start_error"]
     sliding = models["mistral-sliding"]
-    result = run_engine(tmp_path_factory, {**ENGINE, "model": str(sliding),
-                                           "hf_overrides": overrides(str(sliding), group_size=G, window=W)}, [])
+    hf_overrides = overrides(str(sliding), group_size=G, window=W)
+    result = run_engine(tmp_path_factory, {**ENGINE, "model": str(sliding), "hf_overrides": hf_overrides}, [])
     assert "sliding window" in result["start_error"]

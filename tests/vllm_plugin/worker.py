@@ -1,8 +1,8 @@
 """Run one vLLM engine (CPU, fp32, offline) on token prompts and print what it returned as JSON.
 
-One process per engine: the plugin's registration is process-wide, so vanilla vLLM (``VLLM_PLUGINS`` without
-``selfextend``) and the plugin cannot share a process. Usage: ``python worker.py SPEC.json OUT.json`` with SPEC
-``{"engine": {LLM kwargs}, "runs": [{"prompts": [[ids]], "max_tokens": n}, ...], "metrics": bool}``.
+One process per engine: the plugin's registration is process-wide, so vanilla vLLM (``VLLM_PLUGINS``
+without ``selfextend``) and the plugin cannot share a process. Usage: ``python worker.py SPEC.json OUT.json``,
+SPEC ``{"engine": {LLM kwargs}, "runs": [{"prompts": [[ids]], "max_tokens": n}, ...], "metrics": bool}``.
 A run whose request vLLM refuses records ``{"error": message}`` and the next run goes on.
 """
 
@@ -34,8 +34,9 @@ def main(spec_path: str, out_path: str) -> None:
         return
     for run in spec["runs"]:
         # vLLM serves no prefix-cache hit to a request that asks for prompt logprobs: runs may opt out
-        params = SamplingParams(max_tokens=run.get("max_tokens", 6), temperature=0, logprobs=0, ignore_eos=True,
-                                prompt_logprobs=0 if run.get("prompt_logprobs", True) else None)
+        prompt_logprobs = 0 if run.get("prompt_logprobs", True) else None
+        params = SamplingParams(max_tokens=run.get("max_tokens", 6), temperature=0, logprobs=0,
+                                ignore_eos=True, prompt_logprobs=prompt_logprobs)
         try:
             outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], params,
                                    use_tqdm=False)
