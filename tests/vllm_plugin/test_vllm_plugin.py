@@ -245,3 +245,64 @@ def test_refusals_at_engine_start(models, tmp_path_factory):
     hf_overrides = overrides(str(sliding), group_size=G, window=W)
     result = run_engine(tmp_path_factory, {**ENGINE, "model": str(sliding), "hf_overrides": hf_overrides}, [])
     assert "sliding window" in result["start_error"]
+
+
+def word_tokenizer(path: Path) -> None:
+    """A tokenizer for the tiny model: the word ``<i>`` is token ``i``, so text prompts are exact ids (no
+    token is a prefix of another: special tokens are matched inside words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<2>").save_pretrained(path)
+
+
+def test_selfextend_serve_engine_vllm(models, tmp_path_factory):
+    """`selfextend serve --engine vllm` starts vLLM's OpenAI server with the plugin: a streamed completion of
+    a prompt past the trained length returns the tokens and logprobs of the transformers path."""
+    import socket
+    import time
+
+    import httpx
+    from openai import OpenAI
+
+    path = tmp_path_factory.mktemp("served") / "llama"
+    AutoModelForCausalLM.from_pretrained(models["llama"]).save_pretrained(path)
+    word_tokenizer(path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = Path(sys.executable).with_name("selfextend")
+    server = subprocess.Popen(
+        [str(cli), "serve", "--engine", "vllm", "--model", str(path), "-G", str(G), "-W", str(W),
+         "--port", str(port), "--vllm-args", "--dtype float32 --enforce-eager --block-size 32"],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert server.poll() is None, server.stdout.read()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert client.models.list().data[0].max_model_len == REACH
+        ids = prompt(400, 61)
+        text = " ".join(f"<{i}>" for i in ids)
+        stream = client.completions.create(model="llama", prompt=text, max_tokens=8, temperature=0,
+                                           logprobs=1, stream=True)
+        tokens, logprobs = [], []
+        for chunk in stream:
+            tokens += [int(t.strip("<> ")) for t in chunk.choices[0].logprobs.tokens]
+            logprobs += chunk.choices[0].logprobs.token_logprobs
+        ref = reference(models["llama"], ids + tokens, group_size=G, window=W)[len(ids) - 1 :]
+        assert len(tokens) == 8 and max_diff(logprobs, ref) < TOL
+        with pytest.raises(Exception, match=str(REACH)):  # past the reach: a 400 naming it
+            client.completions.create(model="llama", prompt=" ".join(["<5>"] * (REACH + 1)), max_tokens=1)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
