@@ -306,3 +306,45 @@ def test_selfextend_serve_engine_vllm(models, tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_gpu_backend_reads_the_triton_cache_layout():
+    """``--attention-backend SELFEXTEND`` (CUDA) reads K/V from vLLM's Triton layout, K then V in the last
+    dim; run here on CPU tensors (the method's backend is then ``cpu``; the Triton kernel itself is tested
+    under TRITON_INTERPRET=1 in the main suite) against the same requests stored in the CPU layout."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from selfextend.config import SelfExtendConfig
+    from selfextend.integrations.vllm.cpu import SelfExtendCPUAttentionImpl
+    from selfextend.integrations.vllm.cuda import (
+        SelfExtendTritonAttentionBackend,
+        SelfExtendTritonAttentionImpl,
+        SelfExtendTritonMetadataBuilder,
+    )
+    from selfextend.integrations.vllm.paged import PagedSelfExtend
+
+    assert SelfExtendTritonAttentionBackend.get_name() == "SELFEXTEND"
+    assert SelfExtendTritonMetadataBuilder._cudagraph_support == AttentionCGSupport.NEVER
+    heads, kv_heads, dim, bs, n_blocks = 4, 2, 32, 16, 12
+    g = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(n_blocks, kv_heads, bs, dim, generator=g) for _ in range(2))
+    triton_cache = torch.cat((keys, values), dim=-1)  # (blocks, heads, block_size, 2D)
+    cpu_cache = torch.cat((keys, values), dim=2)  # (blocks, heads, 2 * block_size, D): K blocks then V blocks
+    seq_lens, q_lens = [70, 33], [70, 1]  # a prefill and a decode step
+    metadata = SimpleNamespace(num_actual_tokens=71, query_start_loc=torch.tensor([0, 70, 71]),
+                               seq_lens=torch.tensor(seq_lens), block_table=torch.tensor([[3, 0, 7, 5, 9],
+                                                                                           [1, 11, 2, 0, 0]]))
+    query = torch.randn(sum(q_lens), heads, dim, generator=g)
+    method = PagedSelfExtend(SelfExtendConfig(4, 8, 40, backend="cpu"), 1.0 / (10000 ** (
+        torch.arange(0, dim, 2, dtype=torch.float) / dim)))
+    outputs = []
+    for cls, cache in ((SelfExtendTritonAttentionImpl, triton_cache),
+                       (SelfExtendCPUAttentionImpl, cpu_cache.view(n_blocks, kv_heads, bs, 2 * dim))):
+        impl = cls.__new__(cls)  # no engine here: the attributes forward reads
+        impl.method, impl.num_heads, impl.head_size, impl.scale = method, heads, dim, dim ** -0.5
+        out = torch.zeros(sum(q_lens), heads * dim)
+        outputs.append(impl.forward(None, query, None, None, cache, metadata, out))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert outputs[0].abs().sum() > 0

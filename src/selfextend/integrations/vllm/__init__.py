@@ -10,8 +10,10 @@ and runs that). vLLM applies dict overrides after it has fixed ``max_model_len``
 must arrive as ``max_position_embeddings``; the plugin checks it at engine start and names the value when
 missing.
 
-``register`` runs in every vLLM process, possibly several times: it only points vLLM's ``CPU_ATTN`` name at
-``cpu.SelfExtendCPUAttentionBackend``, whose layers are vLLM's own unless the model config asks for a method.
+``register`` runs in every vLLM process, possibly several times: on CPU it points vLLM's ``CPU_ATTN`` name at
+``cpu.SelfExtendCPUAttentionBackend``; on GPUs it adds ``--attention-backend SELFEXTEND``
+(``cuda.SelfExtendTritonAttentionBackend``). Both are vLLM's own backends unless the model config asks for a
+method.
 This package imports vLLM only inside ``register`` and the backend modules (extra ``selfextend-llm[vllm]``).
 """
 
@@ -22,6 +24,8 @@ from typing import Any
 from .settings import Settings, original_length, overrides_for, resolve
 
 CPU_BACKEND = "selfextend.integrations.vllm.cpu.SelfExtendCPUAttentionBackend"
+CUDA_BACKEND = "selfextend.integrations.vllm.cuda.SelfExtendTritonAttentionBackend"
+CUDA_NAME = "SELFEXTEND"  # --attention-backend SELFEXTEND
 
 
 def register() -> None:
@@ -31,6 +35,8 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    elif current_platform.is_cuda_alike() and CUDA_NAME not in AttentionBackendEnum.__members__:
+        register_backend(CUDA_NAME, CUDA_BACKEND)  # a second registration of a new name raises
 
 
 def overrides(model: str, method: str = "selfextend", *, target_length: int | None = None,

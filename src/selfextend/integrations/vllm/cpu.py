@@ -13,8 +13,8 @@ import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from .engine import layer_method
-from .paged import gather, write
+from .engine import attend_requests, layer_method
+from .paged import write
 
 
 class SelfExtendCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -42,19 +42,8 @@ class SelfExtendCPUAttentionImpl(CPUAttentionBackendImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with SelfExtend/DCA")
         key_cache, value_cache = _split(kv_cache)
-        n = attn_metadata.num_actual_tokens
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        starts = attn_metadata.query_start_loc.tolist()
-        lengths = attn_metadata.seq_lens.tolist()
-        block_size = key_cache.shape[2]
-        for r, seq_len in enumerate(lengths[: len(starts) - 1]):
-            q0, q1 = starts[r], starts[r + 1]
-            if q1 == q0:
-                continue
-            blocks = attn_metadata.block_table[r, : -(-seq_len // block_size)]
-            out[q0:q1] = self.method.attend(query[q0:q1], gather(key_cache, blocks, seq_len),
-                                            gather(value_cache, blocks, seq_len), self.scale).to(out.dtype)
-        return output
+        return attend_requests(self.method, query, key_cache, value_cache, attn_metadata, output,
+                               self.num_heads, self.head_size, self.scale)
 
 
 def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .paged import PagedMethod, method_for
+import torch
+
+from .paged import PagedMethod, gather, method_for
 from .settings import Settings, original_length, refusal, resolve
 
 logger = logging.getLogger("selfextend")
@@ -56,3 +58,25 @@ def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, sof
                     settings.reach)
         _methods[key] = method_for(settings.config, settings.inv_freq)
     return _methods[key]
+
+
+def attend_requests(method: PagedMethod, query: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, metadata, output: torch.Tensor, num_heads: int, head_size: int,
+                    scale: float) -> torch.Tensor:
+    """Every request of a batch, one at a time: its queries against all its keys, gathered from the paged
+    caches ``(num_blocks, kv_heads, block_size, D)`` through its row of the block table. ``metadata`` needs
+    ``num_actual_tokens``, ``query_start_loc``, ``seq_lens`` and ``block_table`` (vLLM's CPU and Triton
+    metadata both have them)."""
+    n = metadata.num_actual_tokens
+    out = output[:n].view(n, num_heads, head_size)
+    starts = metadata.query_start_loc.tolist()
+    lengths = metadata.seq_lens.tolist()
+    block_size = key_cache.shape[2]
+    for r in range(len(starts) - 1):
+        q0, q1, seq_len = starts[r], starts[r + 1], lengths[r]
+        if q1 == q0:
+            continue
+        blocks = metadata.block_table[r, : -(-seq_len // block_size)]
+        out[q0:q1] = method.attend(query[q0:q1], gather(key_cache, blocks, seq_len),
+                                   gather(value_cache, blocks, seq_len), scale).to(out.dtype)
+    return output
