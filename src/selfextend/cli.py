@@ -270,6 +270,8 @@ def vllm_command(args) -> list[str]:
 
             target = 4 * AutoConfig.from_pretrained(args.model, local_files_only=True).max_position_embeddings
         command += ["--hf-overrides", json.dumps(overrides(args.model, name, target_length=target, **params))]
+        if torch.cuda.is_available():  # on GPUs the plugin's backend is chosen by name (CPU: always active)
+            command += ["--attention-backend", "SELFEXTEND"]
     command += ["--host", args.host, "--port", str(args.port), "--served-model-name",
                 args.name or os.path.basename(os.path.normpath(args.model))]
     if args.api_key:
