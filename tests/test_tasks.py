@@ -28,7 +28,7 @@ def tokenizer():
 
 def make(name: str, tokenizer, length: int, depth: float | None = 0.5, seed: int = 0):
     task = TASKS[name]
-    if name == "niah":
+    if name == "niah" or "essays" in name:
         from selfextend.eval.tasks.haystack import essays
 
         try:
@@ -41,8 +41,9 @@ def make(name: str, tokenizer, length: int, depth: float | None = 0.5, seed: int
 def needle_and_span(sample) -> tuple[str, tuple[int, int]]:
     if "needle" in sample.meta:
         return sample.meta["needle"], sample.meta["context_span"]
-    # passkey: task line, garbage + info line + garbage, question line
-    needle = f"The pass key is {sample.expected[0]}. Remember it."
+    # passkey: task line, haystack + info line + haystack, question line
+    alt = sample.meta.get("phrasing") == "alt"
+    needle = f"The {'secret number' if alt else 'pass key'} is {sample.expected[0]}."
     return needle, (sample.prompt.index("\n") + 1, sample.prompt.rindex("\n"))
 
 
@@ -68,6 +69,24 @@ def rotate(text: str) -> str:
         else:
             out.append(c)
     return "".join(out)
+
+
+def test_passkey_variants_keep_instruction_key_and_question(tokenizer):
+    """Real prose and other wording: the key, the instruction first and the question last."""
+    from selfextend.eval.tasks.passkey import PHRASINGS
+
+    variants = (("passkey_pydoc", "landmark"), ("passkey_alt", "alt"), ("passkey_essays_alt", "alt"))
+    for name, phrasing in variants:
+        sample = make(name, tokenizer, 4000, 0.5, seed=2)
+        task, info, question = PHRASINGS[phrasing]
+        assert sample.prompt.startswith(task + "\n") and sample.prompt.endswith("\n" + question)
+        assert info.format(k=sample.expected[0]) in sample.prompt
+        assert (FILLER_SENTENCE in sample.prompt) == (name == "passkey_alt")  # real prose: no filler
+    one, two = (make("passkey_pydoc", tokenizer, 3000, 0.5, seed=s).prompt for s in (1, 2))
+    assert one != two  # seeds start the prose at different places
+
+
+FILLER_SENTENCE = "The grass is green. The sky is blue."
 
 
 def test_registry():
