@@ -57,6 +57,12 @@ step_trust_passkey() {  # cheapest first: in-window reference, SelfExtend at 16k
   $SE eval passkey "${C[@]}" --methods truncate,dynamic-ntk,dca,yarn,vanilla --lengths 24k --depths $D5 --samples 2 --out $T
   $SE eval passkey "${C[@]}" --methods self-extend,dynamic-ntk,truncate,dca,yarn,vanilla --lengths 32k --depths $D5 --samples 2 --out $T
 }
+step_trust_prose() {  # the same grid on real prose and in other words: in-window reference, then SelfExtend
+  for task in passkey_essays passkey_alt; do
+    $SE eval $task "${C[@]}" --methods vanilla --lengths 8k --depths $D5 --samples 2 --out $T
+    $SE eval $task "${C[@]}" --methods self-extend --lengths 16k,24k --depths $D5 --samples 2 --out $T
+  done
+}
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long tune temperature ruler_more)
