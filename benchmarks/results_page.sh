@@ -63,6 +63,12 @@ step_trust_prose() {  # the same grid on real prose and in other words: in-windo
     $SE eval $task "${C[@]}" --methods self-extend --lengths 16k,24k --depths $D5 --samples 2 --out $T
   done
 }
+step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
+  # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
+  for corpus in pydoc stdlib essays; do
+    $SE eval ppl "${C[@]}" --methods self-extend,truncate --lengths 32k --corpus $corpus --out docs/results/ppl_$corpus
+  done
+}
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long tune temperature ruler_more)
