@@ -16,11 +16,22 @@ from pathlib import Path
 from typing import NoReturn
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Appends ``(default: X)`` where the help text does not already state the default, and only for plain
+    values (a parsed list such as the methods' specs reads worse than the help's own wording)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        plain = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default,
+                                                                                          (list, tuple))
+        return text + " (default: %(default)s)" if plain and "default" not in text else text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and defaults shown in ``--help``."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
