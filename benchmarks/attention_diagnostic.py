@@ -23,7 +23,7 @@ import torch
 import selfextend
 from selfextend.backends import BACKENDS, SelfExtendInputs
 from selfextend.backends.blockwise import BlockwiseBackend
-from selfextend.eval.tasks.passkey import make_passkey
+from selfextend.eval.tasks import TASKS
 
 RECORD: list[dict] = []
 NEEDLE: dict = {}
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--depths", default="0.05,0.5")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="self-extend,dynamic-ntk")
+    parser.add_argument("--task", default="passkey", help="passkey or a variant with the Landmark wording "
+                        "(passkey_essays, passkey_pydoc)")
     parser.add_argument("--out", default="docs/results/diagnostic_32k")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,13 +101,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "diagnostic.jsonl"
-    done = {(r["method"], r["depth"]) for r in map(json.loads, path.open())} if path.exists() else set()
+    rows = [json.loads(line) for line in path.open()] if path.exists() else []
+    done = {(r.get("task", "passkey"), r["length_asked"] if "length_asked" in r else args.length, r["method"],
+             r["depth"]) for r in rows}
     for depth in map(float, args.depths.split(",")):
-        sample = make_passkey(tokenizer, args.length, depth, seed=0)
+        sample = TASKS[args.task].make(tokenizer, args.length, depth, 0)
         ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
         NEEDLE["span"] = needle_span(tokenizer, sample.prompt, sample.expected[0])
         for method in args.methods.split(","):
-            if (method, depth) in done:
+            if (args.task, args.length, method, depth) in done:
                 continue
             RECORD.clear()
             if method == "self-extend":
@@ -117,7 +121,8 @@ def main() -> None:
             with torch.no_grad():  # the prefill records (decode steps have one query row and are skipped)
                 generated = model.generate(ids, max_new_tokens=8, do_sample=False)
             answer = tokenizer.decode(generated[0, ids.shape[1]:])
-            row = {"method": method, "depth": depth, "length": ids.shape[1], "needle_tokens": NEEDLE["span"],
+            row = {"task": args.task, "method": method, "depth": depth, "length_asked": args.length,
+                   "length": ids.shape[1], "needle_tokens": NEEDLE["span"],
                    "needle_distance": ids.shape[1] - NEEDLE["span"][0], "passkey": sample.expected[0],
                    "answer": answer, "layers": list(RECORD), "seconds": time.perf_counter() - start,
                    "settings": str(selfextend.settings(model))}
