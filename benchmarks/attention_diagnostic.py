@@ -82,8 +82,30 @@ def needle_span(tokenizer, prompt: str, passkey: str) -> tuple[int, int]:
     return tokens[0], tokens[-1] + 1
 
 
+BANDS = ((0, 11), (11, 17), (17, 30))  # early, middle and late layers of the embedded model's 30
+
+
+def report(path: Path) -> str:
+    """Markdown table of a ``diagnostic.jsonl``: needle mass averaged over bands of layers, the late layers'
+    mass on the first 4 tokens (sink) and on grouped keys."""
+    head = ("| task | tokens | depth | method | answer | needle mass, layers 0-10 / 11-16 / 17-29 "
+            "| late: sink | late: grouped keys |\n|---|---:|---:|---|---|---|---:|---:|")
+    lines = [head]
+    for r in map(json.loads, path.open()):
+        layers = r["layers"]
+        bands = " / ".join(f"{sum(x['needle'] for x in layers[a:b]) / (b - a):.3f}" for a, b in BANDS)
+        late = layers[BANDS[-1][0]:]
+        sink = sum(x["sink"] for x in late) / len(late)
+        grouped = f"{sum(x['grouped'] for x in late) / len(late):.2f}" if "grouped" in late[0] else "-"
+        ok = "right" if r["passkey"] in r["answer"] else "wrong"
+        lines.append(f"| {r.get('task', 'passkey')} | {r['length']} | {r['depth']} | {r['method']} | {ok}: "
+                     f"{r['answer'].strip()[:24]!r} | {bands} | {sink:.2f} | {grouped} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", default=None, help="print the table of this diagnostic.jsonl and exit")
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--depths", default="0.05,0.5")
     parser.add_argument("--threads", type=int, default=2)
@@ -92,6 +114,9 @@ def main() -> None:
                         "(passkey_essays, passkey_pydoc)")
     parser.add_argument("--out", default="docs/results/diagnostic_32k")
     args = parser.parse_args()
+    if args.report:
+        print(report(Path(args.report)))
+        return
     torch.set_num_threads(args.threads)
     from transformers import AttentionInterface
 
