@@ -76,9 +76,7 @@ def resolve(hf_config, *, trained_length: int | None = None) -> Settings | None:
     target_length = params.pop("target_length", None)
     method.check_params(params)  # unknown keys: the message `apply` gives
     base = copy.copy(hf_config)  # the model as trained: its own length (tuned settings are keyed by it)
-    length = params.get("trained_length") or trained_length
-    if length is None and name == "dca" and getattr(hf_config, QWEN_DCA_KEY, None):
-        length = None  # Qwen's DCA config carries original_max_position_embeddings
+    length = params.get("trained_length") or trained_length  # (a Qwen DCA config names its own)
     if length is not None:
         base.max_position_embeddings = length
     resolved = method.resolve(SimpleNamespace(config=base), target_length, params)
