@@ -1,5 +1,5 @@
-"""Per-engine plumbing shared by the plugin's backends: read the settings once, refuse what cannot be exact,
-and hand every layer of a model the same ``PagedMethod`` (its rotation tables are per engine, not per layer).
+"""Plumbing shared by the plugin's backends: each layer reads and checks the settings (cheap), refuses what
+cannot be exact, and gets the engine's one ``PagedMethod`` (rotation tables per engine, not per layer).
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, sof
                  extra: dict[str, Any]) -> PagedMethod | None:
     """The method one attention layer runs, or None to leave the layer to vLLM; raises (at engine start) what
     the paged path cannot compute exactly."""
+    if extra.get("dual_chunk_attention_config"):  # vLLM's own layer would reject the argument outright
+        raise ValueError(
+            "selfextend vLLM plugin: the model config carries dual_chunk_attention_config, which makes vLLM "
+            "rotate q/k for its removed DCA backend; serve it through the plugin's DCA instead: "
+            "selfextend.integrations.vllm.overrides(model, 'dca') (or `selfextend serve --engine vllm "
+            "--method dca`) sets dual_chunk_attention_config to null and the dca settings from it.")
     settings = engine_settings(vllm_config)
     if settings is None:
         return None
@@ -45,11 +51,6 @@ def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, sof
                              getattr(parallel, "prefill_context_parallel_size", 1)),
         sliding_window=sliding_window, attn_type=str(getattr(attn_type, "value", attn_type)),
         softcap=softcap)
-    if reason is None and extra.get("dual_chunk_attention_config"):
-        reason = ("the model config carries dual_chunk_attention_config, which makes vLLM rotate q/k for its "
-                  "removed DCA backend; serve it through the plugin's DCA instead: "
-                  "selfextend.integrations.vllm.overrides(model, 'dca') (or `selfextend serve --engine vllm "
-                  "--method dca`) sets dual_chunk_attention_config to null and the dca settings from it.")
     if reason is not None:
         raise ValueError(f"selfextend vLLM plugin: {reason}")
     key = (settings.method, settings.config, tuple(settings.inv_freq.tolist()))
