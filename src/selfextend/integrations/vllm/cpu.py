@@ -13,11 +13,11 @@ import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from .engine import attend_requests, layer_method
+from .engine import MethodLayer, layer_method
 from .paged import write
 
 
-class SelfExtendCPUAttentionImpl(CPUAttentionBackendImpl):
+class SelfExtendCPUAttentionImpl(MethodLayer, CPUAttentionBackendImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type="decoder", kv_sharing_target_layer_name=None,
                  sinks=None, **extra) -> None:
@@ -29,21 +29,13 @@ class SelfExtendCPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.method is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        key_cache, value_cache = _split(kv_cache)
+        key_cache, value_cache = self.split_cache(kv_cache)
         n = slot_mapping.shape[0]
         write(key_cache, key[:n], slot_mapping)
         write(value_cache, value[:n], slot_mapping)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None) -> torch.Tensor:
-        if self.method is None or attn_metadata is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported with SelfExtend/DCA")
-        key_cache, value_cache = _split(kv_cache)
-        return attend_requests(self.method, query, key_cache, value_cache, attn_metadata, output,
-                               self.num_heads, self.head_size, self.scale)
+    def split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _split(kv_cache)
 
 
 def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

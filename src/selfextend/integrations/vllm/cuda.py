@@ -22,12 +22,12 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from .engine import attend_requests, layer_method
+from .engine import MethodLayer, layer_method
 
 NAME = "SELFEXTEND"
 
 
-class SelfExtendTritonAttentionImpl(TritonAttentionImpl):
+class SelfExtendTritonAttentionImpl(MethodLayer, TritonAttentionImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type="decoder", kv_sharing_target_layer_name=None,
                  sinks=None, **extra) -> None:
@@ -38,16 +38,8 @@ class SelfExtendTritonAttentionImpl(TritonAttentionImpl):
         self.method = layer_method(get_current_vllm_config(), sliding_window=sliding_window,
                                    attn_type=attn_type, softcap=logits_soft_cap, extra=extra)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None) -> torch.Tensor:
-        if self.method is None or attn_metadata is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported with SelfExtend/DCA")
-        key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)  # (blocks, heads, block_size, D)
-        return attend_requests(self.method, query, key_cache, value_cache, attn_metadata, output,
-                               self.num_heads, self.head_size, self.scale)
+    def split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kv_cache.split(self.head_size, dim=-1)  # (blocks, heads, block_size, D) each
 
 
 class SelfExtendTritonMetadataBuilder(TritonAttentionMetadataBuilder):

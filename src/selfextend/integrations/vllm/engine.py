@@ -81,3 +81,25 @@ def attend_requests(method: PagedMethod, query: torch.Tensor, key_cache: torch.T
         out[q0:q1] = method.attend(query[q0:q1], gather(key_cache, blocks, seq_len),
                                    gather(value_cache, blocks, seq_len), scale).to(out.dtype)
     return output
+
+
+class MethodLayer:
+    """The ``forward`` both backends share, mixed in before vLLM's impl class: vLLM's own attention when the
+    layer has no method (``self.method is None``), else every request through ``attend_requests``. A backend
+    says only how its cache splits into K and V (``split_cache``)."""
+
+    method: PagedMethod | None
+
+    def split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None) -> torch.Tensor:
+        if self.method is None or attn_metadata is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported with SelfExtend/DCA")
+        key_cache, value_cache = self.split_cache(kv_cache)
+        return attend_requests(self.method, query, key_cache, value_cache, attn_metadata, output,
+                               self.num_heads, self.head_size, self.scale)
