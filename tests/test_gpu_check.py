@@ -24,3 +24,5 @@ def test_gpu_check_dry_run(tmp_path):
     model = json.loads((tmp_path / "model.jsonl").read_text().splitlines()[0])
     assert model["ratios"]["prefill_time"] > 0 and "group_size" in model["settings"]
     assert (tmp_path / "attention.jsonl").read_text().strip()
+    paged = [json.loads(line) for line in (tmp_path / "paged.jsonl").read_text().splitlines()]
+    assert {r["dtype"] for r in paged} == {"float32", "float16"} and all(r["status"] == "pass" for r in paged)

@@ -8,6 +8,7 @@ elsewhere. Each engine runs in its own process (``worker.py``): plugin registrat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -308,10 +309,12 @@ def test_selfextend_serve_engine_vllm(models, tmp_path_factory):
         server.wait(timeout=60)
 
 
-def test_gpu_backend_reads_the_triton_cache_layout():
+@pytest.mark.parametrize("dim", [32, 64])
+def test_gpu_backend_reads_the_triton_cache_layout(dim, monkeypatch, caplog):
     """``--attention-backend SELFEXTEND`` (CUDA) reads K/V from vLLM's Triton layout, K then V in the last
-    dim; run here on CPU tensors (the method's backend is then ``cpu``; the Triton kernel itself is tested
-    under TRITON_INTERPRET=1 in the main suite) against the same requests stored in the CPU layout."""
+    dim, against the same requests stored in the CPU layout, on CPU tensors. Head dim 64: the paged Triton
+    kernel under TRITON_INTERPRET=1 (no gather; to rounding); head dim 32, outside the kernel: the gather path
+    (bit for bit)."""
     from types import SimpleNamespace
 
     from vllm.v1.attention.backend import AttentionCGSupport
@@ -327,7 +330,14 @@ def test_gpu_backend_reads_the_triton_cache_layout():
 
     assert SelfExtendTritonAttentionBackend.get_name() == "SELFEXTEND"
     assert SelfExtendTritonMetadataBuilder._cudagraph_support == AttentionCGSupport.NEVER
-    heads, kv_heads, dim, bs, n_blocks = 4, 2, 32, 16, 12
+    paged = dim == 64
+    if paged:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        from selfextend.backends import triton_paged
+        if type(triton_paged._paged_selfextend_fwd).__name__ != "InterpretedFunction":
+            pytest.skip("the paged kernel was imported compiled earlier in this process")
+    heads, kv_heads, bs, n_blocks = 4, 2, 16, 12
     g = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(n_blocks, kv_heads, bs, dim, generator=g) for _ in range(2))
     triton_cache = torch.cat((keys, values), dim=-1)  # (blocks, heads, block_size, 2D)
@@ -335,7 +345,8 @@ def test_gpu_backend_reads_the_triton_cache_layout():
     seq_lens, q_lens = [70, 33], [70, 1]  # a prefill and a decode step
     metadata = SimpleNamespace(num_actual_tokens=71, query_start_loc=torch.tensor([0, 70, 71]),
                                seq_lens=torch.tensor(seq_lens), block_table=torch.tensor([[3, 0, 7, 5, 9],
-                                                                                           [1, 11, 2, 0, 0]]))
+                                                                                           [1, 11, 2, 0, 0]]),
+                               max_query_len=70, max_seq_len=70)
     query = torch.randn(sum(q_lens), heads, dim, generator=g)
     method = PagedSelfExtend(SelfExtendConfig(4, 8, 40, backend="cpu"), 1.0 / (10000 ** (
         torch.arange(0, dim, 2, dtype=torch.float) / dim)))
@@ -345,6 +356,10 @@ def test_gpu_backend_reads_the_triton_cache_layout():
         impl = cls.__new__(cls)  # no engine here: the attributes forward reads
         impl.method, impl.num_heads, impl.head_size, impl.scale = method, heads, dim, dim ** -0.5
         out = torch.zeros(sum(q_lens), heads * dim)
-        outputs.append(impl.forward(None, query, None, None, cache, metadata, out))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+        with caplog.at_level(logging.WARNING, logger="selfextend"):
+            outputs.append(impl.forward(None, query, None, None, cache, metadata, out))
+    assert ("paged kernel off" in caplog.text) == (not paged)
+    assert paged or "paged kernel off (head dim 32 (value 32) is not one of (64, 128, 256))" in caplog.text
+    tol = 2e-5 if paged else 0
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=tol, atol=tol)
     assert outputs[0].abs().sum() > 0

@@ -1,16 +1,17 @@
 """The plugin's GPU backend, ``--attention-backend SELFEXTEND``: vLLM's Triton backend unless the model
-config asks for SelfExtend/DCA, then the project's Triton kernel over each request's K/V gathered from the
-paged cache.
+config asks for SelfExtend/DCA.
 
 vLLM writes K/V with its own kernel (the Triton layout ``(num_blocks, heads, block_size, 2 * D)``, K then V
-in the last dim), so only the read side changes: gather a request's keys through its block table, rotate the
-grouped ones, run ``backends/triton.py``. The per-request loop reads host-side lengths, so the builder
-declares no CUDA-graph support (vLLM then runs these layers eagerly). Not yet: a paged kernel that reads K/V
-through the block table and rotates grouped key tiles in-kernel (no gather).
+in the last dim), so only the read side changes. SelfExtend: the whole batch in one launch of the paged
+kernel (``backends/triton_paged.py``: K/V read in place through the block table, grouped key tiles rotated
+in the kernel). DCA, and head dims or dtypes that kernel lacks: each request's K/V gathered through its block
+table, then ``selfextend.backends``. The launch grid and the rotation tables depend on host-side lengths, so
+the builder declares no CUDA-graph support (vLLM then runs these layers eagerly).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -23,6 +24,9 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from .engine import MethodLayer, layer_method
+from .paged import PagedSelfExtend
+
+logger = logging.getLogger("selfextend")
 
 NAME = "SELFEXTEND"
 
@@ -40,6 +44,23 @@ class SelfExtendTritonAttentionImpl(MethodLayer, TritonAttentionImpl):
 
     def split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return kv_cache.split(self.head_size, dim=-1)  # (blocks, heads, block_size, D) each
+
+    def attend(self, query, key_cache, value_cache, metadata, output):
+        method = self.method
+        if not isinstance(method, PagedSelfExtend):
+            return super().attend(query, key_cache, value_cache, metadata, output)
+        reason = method.paged_reason(query, value_cache.shape[-1])
+        if reason is not None:
+            if not getattr(self, "_said_why", False):
+                logger.warning("selfextend: paged kernel off (%s): gathering each request's K/V", reason)
+                self._said_why = True
+            return super().attend(query, key_cache, value_cache, metadata, output)
+        n, shape = metadata.num_actual_tokens, (-1, self.num_heads, self.head_size)
+        method.attend_paged(query[:n].view(shape), key_cache, value_cache, metadata.block_table,
+                            metadata.seq_lens, metadata.query_start_loc, self.scale,
+                            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+                            out=output[:n].view(shape))
+        return output
 
 
 class SelfExtendTritonMetadataBuilder(TritonAttentionMetadataBuilder):

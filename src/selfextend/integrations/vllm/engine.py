@@ -93,6 +93,12 @@ class MethodLayer:
     def split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, metadata,
+               output: torch.Tensor) -> torch.Tensor:
+        """The method over the batch; a backend with a faster way for some batches overrides this."""
+        return attend_requests(self.method, query, key_cache, value_cache, metadata, output, self.num_heads,
+                               self.head_size, self.scale)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
         if self.method is None or attn_metadata is None:
@@ -101,5 +107,4 @@ class MethodLayer:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with SelfExtend/DCA")
         key_cache, value_cache = self.split_cache(kv_cache)
-        return attend_requests(self.method, query, key_cache, value_cache, attn_metadata, output,
-                               self.num_heads, self.head_size, self.scale)
+        return self.attend(query, key_cache, value_cache, attn_metadata, output)

@@ -9,9 +9,16 @@ positions by delta rotations, and hands them to a backend of ``selfextend.backen
 
 A delta depends only on a position, so its cos/sin rows are computed once per engine (``RotationTable``) and
 read by every layer, request and decode step: a decode step rotates its keys with a lookup, not trigonometry.
+
+On a GPU, SelfExtend skips the gather: ``PagedSelfExtend.attend_paged`` runs a whole batch in one launch of
+``backends/triton_paged.py``, which reads K/V through the block table and rotates grouped key tiles with the
+same tables. DCA always gathers.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
@@ -28,6 +35,7 @@ from ...positions import (
 )
 from ...rope import rotate_with, rotation_table
 
+PAGED_HEAD_DIMS = (64, 128, 256)  # the paged Triton kernel's (``backends/triton_paged.py``)
 _GROW = 4096  # table rows are added this many at a time (rounded up)
 
 
@@ -40,14 +48,18 @@ class RotationTable:
         self.inv_freq = inv_freq.to(torch.float32).cpu()
         self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of shape ``(n, 1, rd/2)`` for positions ``pos`` (n,)."""
-        cos, sin = self.tables.get(pos.device, (None, None))
-        need = int(pos.max()) + 1
+    def table(self, need: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole ``(cos, sin)``, each ``(P, rd/2)``, ``P >= need``: row ``p`` rotates by ``delta(p)``."""
+        cos, sin = self.tables.get(device, (None, None))
         if cos is None or cos.shape[0] < need:
             size = -(-need // _GROW) * _GROW
-            p = torch.arange(size, device=pos.device)
-            cos, sin = self.tables[pos.device] = rotation_table(self.delta(p), self.inv_freq.to(pos.device))
+            p = torch.arange(size, device=device)
+            cos, sin = self.tables[device] = rotation_table(self.delta(p), self.inv_freq.to(device))
+        return cos, sin
+
+    def rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``(n, 1, rd/2)`` for positions ``pos`` (n,)."""
+        cos, sin = self.table(int(pos.max()) + 1, pos.device)
         return cos[pos][:, None], sin[pos][:, None]
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor, layout: str) -> torch.Tensor:
@@ -109,6 +121,40 @@ class PagedSelfExtend(PagedMethod):
                                 grouped_key=_heads_first(grouped_key), window=self.config.window, **common)
 
 
+    def paged_reason(self, query: torch.Tensor, value_dim: int) -> str | None:
+        """Why ``attend_paged`` cannot take this batch (None: it can); the caller then gathers."""
+        dim = query.shape[-1]
+        if dim not in PAGED_HEAD_DIMS or value_dim not in PAGED_HEAD_DIMS:
+            return f"head dim {dim} (value {value_dim}) is not one of {PAGED_HEAD_DIMS}"
+        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {query.dtype} is not float16, bfloat16 or float32"
+        if self.layout != "rotate_half" or 2 * self.inv_freq.numel() != dim:
+            return "the kernel rotates the whole head, rotate-half layout only"
+        if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return f"tensors are on {query.device.type}: the paged kernel needs CUDA (or TRITON_INTERPRET=1)"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        return None
+
+    def attend_paged(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                     scale: float, *, max_query_len: int, max_seq_len: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """A whole varlen batch in one launch of the paged Triton kernel, keys read through the block table
+        (no gather, no grouped key copy). ``query`` (T, H, D) packed; the caches ``(num_blocks, Hkv, PAGE,
+        D)`` with any strides but the last; the rest as vLLM's metadata. Nothing here reads the device."""
+        from ...backends import triton_paged
+
+        pos = token_positions(query_start_loc, seq_lens, query.shape[0])
+        query = self.temperature(query, pos)
+        cos, sin = self.queries.table(max_seq_len, query.device)
+        grouped = rotate_with(query, cos[pos][:, None], sin[pos][:, None], self.layout)
+        key_cos, key_sin = self.keys.table(max_seq_len, query.device)
+        return triton_paged.paged_selfextend_attention(
+            query, grouped, key_cache, value_cache, block_table, seq_lens, query_start_loc, key_cos, key_sin,
+            self.config.window, scale, max_query_len=max_query_len, max_seq_len=max_seq_len, out=out)
+
+
 class PagedDCA(PagedMethod):
     config: DCAConfig
 
@@ -137,6 +183,15 @@ class PagedDCA(PagedMethod):
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """(T, heads, D) -> (1, heads, T, D), the backends' layout."""
     return x.transpose(0, 1)[None]
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The position of each packed query token: request ``r``'s queries are its last tokens (no host sync)."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    request = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=q_lens.device), q_lens,
+                                      output_size=num_tokens)
+    offset = torch.arange(num_tokens, device=q_lens.device) - query_start_loc[:-1][request]
+    return (seq_lens - q_lens)[request] + offset
 
 
 def gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:

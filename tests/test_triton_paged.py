@@ -1,0 +1,187 @@
+"""The paged Triton kernel (``backends/triton_paged.py``), run on the CPU by Triton's interpreter, against
+the independent fp64 oracle and against the vLLM plugin's gather path (``integrations/vllm/paged.py``): a
+varlen batch (a prefill, a chunk, a decode step) whose K/V sit in a scrambled paged cache."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from reference import rope, selfextend_attention_ref
+
+pytest.importorskip("triton", reason="triton is not installed: pip install 'selfextend-llm[triton]'")
+
+
+def _import_interpreted():
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from selfextend.backends import triton_paged
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return triton_paged
+
+
+tp = _import_interpreted()
+if type(tp._paged_selfextend_fwd).__name__ != "InterpretedFunction":
+    pytest.skip("the kernel module was imported compiled before this module", allow_module_level=True)
+
+from selfextend.config import SelfExtendConfig  # noqa: E402
+from selfextend.integrations.vllm.paged import PagedSelfExtend, gather, token_positions, write  # noqa: E402
+
+D = 64
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+
+
+def paged_batch(seq_lens, q_lens, heads=4, kv_heads=2, page=16, dtype=torch.float32, seed=0):
+    """Unrotated q/k/v per request, keys rotated at their true positions and written to one paged cache
+    through a scrambled block table, and the batch's packed queries (rotated at their true positions)."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = sum(-(-n // page) for n in seq_lens) + 3
+    key_cache = torch.zeros(n_blocks, kv_heads, page, D)
+    value_cache = torch.zeros(n_blocks, kv_heads, page, D)
+    order = torch.randperm(n_blocks, generator=g)
+    width = max(-(-n // page) for n in seq_lens)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    requests, queries, used = [], [], 0
+    for r, (n, q_len) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        q, k, v = (torch.randn(1, h, n, D, generator=g) * 2 for h in (heads, kv_heads, kv_heads))
+        pos = torch.arange(n)[None]
+        blocks = order[used : used + -(-n // page)]
+        used += len(blocks)
+        table[r, : len(blocks)] = blocks.to(torch.int32)
+        slots = (blocks[:, None] * page + torch.arange(page)).flatten()[:n]
+        write(key_cache, rope(k, pos, INV_FREQ).float()[0].transpose(0, 1), slots)
+        write(value_cache, v[0].transpose(0, 1), slots)
+        queries.append(rope(q, pos, INV_FREQ).float()[0, :, n - q_len :].transpose(0, 1))
+        requests.append((q, k, v, blocks))
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return (requests, torch.cat(queries).to(dtype), key_cache.to(dtype), value_cache.to(dtype), table,
+            torch.tensor(seq_lens, dtype=torch.int32), starts)
+
+
+def run_kernel(method, query, key_cache, value_cache, table, seq_lens, starts, **kw):
+    pos = token_positions(starts, seq_lens, query.shape[0])
+    grouped = method.queries.rotate(query, pos, "rotate_half")
+    cos, sin = method.keys.table(int(seq_lens.max()), query.device)
+    return tp.paged_selfextend_attention(query, grouped, key_cache, value_cache, table, seq_lens, starts, cos,
+                                         sin, method.config.window, D ** -0.5, **kw)
+
+
+def gather_path(method, query, key_cache, value_cache, table, seq_lens, starts):
+    outs = []
+    for r in range(len(seq_lens)):
+        n, page = int(seq_lens[r]), key_cache.shape[2]
+        blocks = table[r, : -(-n // page)].long()
+        outs.append(method.attend(query[starts[r] : starts[r + 1]], gather(key_cache, blocks, n),
+                                  gather(value_cache, blocks, n), D ** -0.5))
+    return torch.cat(outs)
+
+
+def oracle_rows(q, k, v, n, q_len, group_size, window):
+    """The fp64 oracle's output for one request's last ``q_len`` queries, as (q_len, H, D)."""
+    pos = torch.arange(n)[None]
+    out = selfextend_attention_ref(q[:, :, n - q_len :], k, v, pos[:, n - q_len :], pos, window, group_size,
+                                   INV_FREQ, D ** -0.5)
+    return out[0].transpose(0, 1)
+
+
+BATCH = ([150, 90, 61], [150, 1, 23])  # a prefill, a decode step, a chunk after 38 cached tokens
+
+
+@pytest.mark.parametrize("group_size,window", [(4, 16), (3, 40), (2, 200)])  # 200: every pair a neighbor
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 32)])  # key tiles within one page / across two
+def test_paged_kernel_equals_oracle(group_size, window, tiles):
+    requests, query, kc, vc, table, seq_lens, starts = paged_batch(*BATCH)
+    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="reference"), INV_FREQ)
+    out = run_kernel(method, query, kc, vc, table, seq_lens, starts, block_m=tiles[0], block_n=tiles[1])
+    for r, (q, k, v, _) in enumerate(requests):
+        want = oracle_rows(q, k, v, int(seq_lens[r]), int(starts[r + 1] - starts[r]), group_size, window)
+        torch.testing.assert_close(out[starts[r] : starts[r + 1]].to(want.dtype), want, atol=2e-5, rtol=1e-4)
+
+
+def test_paged_kernel_equals_gather_path_mqa_and_large_pages():
+    """Eight query heads on one KV head, pages of 32 keys, tiles of 16: the plugin's two GPU paths agree."""
+    batch = paged_batch([200, 47], [5, 47], heads=8, kv_heads=1, page=32, seed=1)
+    method = PagedSelfExtend(SelfExtendConfig(5, 24, 64, backend="reference"), INV_FREQ)
+    out = run_kernel(method, *batch[1:], block_m=16, block_n=16)
+    torch.testing.assert_close(out, gather_path(method, *batch[1:]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_split_kv_decode(num_splits):
+    """Decode steps of three requests of different lengths, the keys split over programs, merged by LSE."""
+    batch = paged_batch([300, 17, 129], [1, 1, 1], seed=2)
+    method = PagedSelfExtend(SelfExtendConfig(4, 32, 64, backend="reference"), INV_FREQ)
+    out = run_kernel(method, *batch[1:], num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(out, gather_path(method, *batch[1:]), atol=2e-5, rtol=1e-4)
+
+
+def test_fp16_within_rounding_of_the_gather_path():
+    """fp16 cache and queries: the kernel's error against the fp64 oracle is that of the gather path (bf16
+    is checked on a GPU by ``benchmarks/gpu_check.sh``: Triton's interpreter has no bf16 arithmetic)."""
+    requests, query, kc, vc, table, seq_lens, starts = paged_batch(*BATCH, dtype=torch.float16)
+    method = PagedSelfExtend(SelfExtendConfig(4, 16, 64, backend="reference"), INV_FREQ)
+    out = run_kernel(method, query, kc, vc, table, seq_lens, starts, block_m=16, block_n=16).float()
+    ref = gather_path(method, query, kc, vc, table, seq_lens, starts).float()
+    oracle = torch.cat([oracle_rows(q, k, v, int(n), int(m), 4, 16) for (q, k, v, _), n, m in
+                        zip(requests, seq_lens, starts[1:] - starts[:-1], strict=True)]).float()
+    assert out.dtype == torch.float32 and (out - oracle).abs().max() < 2 * (ref - oracle).abs().max() + 1e-3
+
+
+def test_bad_tables_are_refused():
+    batch = paged_batch([40], [40])
+    method = PagedSelfExtend(SelfExtendConfig(4, 16, 64), INV_FREQ)
+    query, kc, vc, table, seq_lens, starts = batch[1:]
+    cos, sin = method.keys.table(8, query.device)
+    with pytest.raises(ValueError, match="tables cover 4096 positions; the batch reaches 5000"):
+        tp.paged_selfextend_attention(query, query, kc, vc, table, torch.tensor([5000]), starts, cos, sin, 16,
+                                      0.1)
+    with pytest.raises(ValueError, match="do not rotate head dim 64"):
+        tp.paged_selfextend_attention(query, query, kc, vc, table, seq_lens, starts, cos[:, :8], sin[:, :8],
+                                      16, 0.1)
+
+
+def test_compiles_for_nvidia():
+    """Compile (not run) the paged kernel to cubin for sm_90 (bf16 prefill) and sm_80 (fp16 split decode)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if type(triton.language.standard.max).__name__ == "InterpretedFunction":
+        pytest.skip("triton itself was imported under TRITON_INTERPRET=1: no compiled library to build with")
+    from triton.backends import backends as triton_backends
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("this triton wheel has no NVIDIA backend")
+    previous = os.environ.pop("TRITON_INTERPRET", None)
+    try:  # a second copy of the module, compiled (this module's copy is interpreted)
+        spec = importlib.util.spec_from_file_location("_selfextend_triton_paged_compiled", tp.__file__,
+                                                      submodule_search_locations=None)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "selfextend.backends"
+        spec.loader.exec_module(module)
+    finally:
+        if previous is not None:
+            os.environ["TRITON_INTERPRET"] = previous
+    fn = module._paged_selfextend_fwd
+    for dtype, dim, (bm, bn, warps, stages), split, arch in (
+            ("bf16", 128, tp._PREFILL_CONFIG[128], False, 90), ("fp16", 64, tp._DECODE_CONFIG[64], True, 80)):
+        sig = {name: "i32" for name in fn.arg_names}
+        sig.update({p: f"*{dtype}" for p in ("Q", "QG", "K", "V")})
+        sig.update(BT="*i32", SEQ="*i32", QSL="*i32", COS="*fp32", SIN="*fp32", LSE="*fp32", qk_scale="fp32")
+        sig["OUT"] = "*fp32" if split else f"*{dtype}"
+        consts = dict(HKV=8, REP=4, SPLIT=split, PAGE=16, HALF=dim // 2, HEAD_DIM_V=dim, BLOCK_M=bm,
+                      BLOCK_N=bn)
+        sig.update({c: "constexpr" for c in consts})
+        try:
+            kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": warps, "num_stages": stages})
+        except RuntimeError as err:
+            if "ptxas" in str(err) and "not found" in str(err):
+                pytest.skip(f"no ptxas: {err}")
+            raise
+        assert kernel.asm["cubin"], (dtype, dim, arch)
