@@ -185,3 +185,15 @@ def test_compiles_for_nvidia():
                 pytest.skip(f"no ptxas: {err}")
             raise
         assert kernel.asm["cubin"], (dtype, dim, arch)
+
+
+def test_padded_request_arrays_are_read_by_query_start_loc():
+    """vLLM may pad seq_lens and the block table past the batch's requests: only query_start_loc counts."""
+    query, kc, vc, table, seq_lens, starts = paged_batch([60, 33], [60, 1], seed=3)[1:]
+    method = PagedSelfExtend(SelfExtendConfig(4, 8, 64, backend="reference"), INV_FREQ)
+    want = run_kernel(method, query, kc, vc, table, seq_lens, starts)
+    padded_lens = torch.cat([seq_lens, torch.tensor([0, 0], dtype=torch.int32)])
+    padded_table = torch.cat([table, torch.zeros(2, table.shape[1], dtype=torch.int32)])
+    got = method.attend_paged(query, kc, vc, padded_table, padded_lens, starts, D ** -0.5, max_query_len=60,
+                              max_seq_len=60)
+    assert torch.equal(got, want)

@@ -231,7 +231,10 @@ def paged_selfextend_attention(
     if key_cos.shape[0] < max_seq_len:
         raise ValueError(f"cos/sin tables cover {key_cos.shape[0]} positions; the batch reaches "
                          f"{max_seq_len}")
-    requests = seq_lens.shape[0]
+    requests = query_start_loc.shape[0] - 1
+    if seq_lens.shape[0] < requests or block_table.shape[0] < requests:
+        raise ValueError(f"{requests} requests in query_start_loc, but seq_lens has {seq_lens.shape[0]} and "
+                         f"block_table {block_table.shape[0]} rows")
     key_cos, key_sin = key_cos.contiguous(), key_sin.contiguous()
     seq_lens = seq_lens.to(torch.int32)
     query_start_loc = query_start_loc.to(torch.int32)

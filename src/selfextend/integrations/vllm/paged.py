@@ -145,6 +145,7 @@ class PagedSelfExtend(PagedMethod):
         D)`` with any strides but the last; the rest as vLLM's metadata. Nothing here reads the device."""
         from ...backends import triton_paged
 
+        seq_lens = seq_lens[: query_start_loc.shape[0] - 1]  # an engine may pad its per-request arrays
         pos = token_positions(query_start_loc, seq_lens, query.shape[0])
         query = self.temperature(query, pos)
         cos, sin = self.queries.table(max_seq_len, query.device)
