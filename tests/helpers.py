@@ -80,11 +80,13 @@ def make_dca_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, c
     return inp, q, k, inv_freq
 
 
-def interpreted_triton_kernel():
-    """The Triton kernel module built for the interpreter, or None if this process cannot have it.
+def interpreted_triton_kernel(name: str = "triton_kernel"):
+    """A Triton kernel module of ``selfextend.backends`` built for the interpreter, or None if this process
+    cannot have it (no triton, or the module was imported compiled first).
 
     ``TRITON_INTERPRET`` must be set when the kernel module is first imported; it is restored afterwards so
     other tests see the environment they expect."""
+    import importlib
     import importlib.util
     import os
 
@@ -93,7 +95,7 @@ def interpreted_triton_kernel():
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        from selfextend.backends import triton_kernel
+        module = importlib.import_module(f"selfextend.backends.{name}")
     except ImportError:
         return None
     finally:
@@ -101,4 +103,6 @@ def interpreted_triton_kernel():
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    return triton_kernel if triton_kernel.INTERPRET else None
+    from selfextend.backends import triton_kernel  # imported (interpreted or not) by every kernel module
+
+    return module if triton_kernel.INTERPRET else None

@@ -13,26 +13,13 @@ import os
 
 import pytest
 import torch
-from helpers import make_inputs, real_rows
+from helpers import interpreted_triton_kernel, make_inputs, real_rows
 
 pytest.importorskip("triton", reason="triton is not installed: pip install 'selfextend-llm[triton]'")
 
 
-def _import_interpreted():
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from selfextend.backends import triton_kernel
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return triton_kernel
-
-
-tk = _import_interpreted()
-if not tk.INTERPRET:
+tk = interpreted_triton_kernel()
+if tk is None:
     pytest.skip("the kernel module was imported compiled before this module", allow_module_level=True)
 
 from selfextend.backends import BACKENDS, select_backend  # noqa: E402

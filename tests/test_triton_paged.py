@@ -7,27 +7,14 @@ import os
 
 import pytest
 import torch
+from helpers import interpreted_triton_kernel
 from reference import rope, selfextend_attention_ref
 
 pytest.importorskip("triton", reason="triton is not installed: pip install 'selfextend-llm[triton]'")
 
-
-def _import_interpreted():
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from selfextend.backends import triton_paged
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return triton_paged
-
-
-tp = _import_interpreted()
-if type(tp._paged_selfextend_fwd).__name__ != "InterpretedFunction":
-    pytest.skip("the kernel module was imported compiled before this module", allow_module_level=True)
+tp = interpreted_triton_kernel("triton_paged")
+if tp is None or type(tp._paged_selfextend_fwd).__name__ != "InterpretedFunction":
+    pytest.skip("the kernel modules were imported compiled before this module", allow_module_level=True)
 
 from selfextend.config import SelfExtendConfig  # noqa: E402
 from selfextend.integrations.vllm.paged import PagedSelfExtend, gather, token_positions, write  # noqa: E402
