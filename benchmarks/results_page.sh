@@ -63,6 +63,18 @@ step_trust_prose() {  # the same grid on real prose and in other words: in-windo
     $SE eval $task "${C[@]}" --methods self-extend --lengths 16k,24k --depths $D5 --samples 2 --out $T
   done
 }
+step_trust_prose_more() {  # prose: 20 samples per cell (seeds 0-3), and a wider window at 16k (effective
+  # positions up to 7168 of 8192 instead of 4864), the setting the 16k shortfall suggested; dynamic NTK beside
+  $SE eval passkey_essays "${C[@]}" --methods vanilla --lengths 8k --depths $D5 --samples 4 --out $T
+  $SE eval passkey_essays "${C[@]}" --methods self-extend,self-extend:group_size=4:window=4096 --lengths 16k \
+    --depths $D5 --samples 4 --out $T
+  $SE eval passkey_essays "${C[@]}" --methods dynamic-ntk --lengths 16k --depths $D5 --samples 2 --out $T
+}
+step_truncate_middle() {  # truncate's default became middle truncation (LongBench): the old rows, which kept
+  # the last 8128 tokens, are labelled truncate:drop=start in docs/results/passkey; the same grid re-run
+  $SE eval passkey "${C[@]}" --methods truncate --lengths 4k,8k --depths $D5 --out $P
+  $SE eval passkey "${C[@]}" --methods truncate --lengths 16k,24k,32k --depths $D3 --out $P
+}
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
   for corpus in pydoc stdlib essays; do
