@@ -275,6 +275,33 @@ def test_tables_carry_intervals():
     assert bootstrap_ppl([2.0, 2.1, 2.3]) == bootstrap_ppl([2.0, 2.1, 2.3])  # seeded
 
 
+def test_perplexity_against_the_sliding_baseline_past_its_window():
+    """Ratios of known per-bucket values: past the baseline's window only, paired, worst bucket named."""
+    import math
+
+    from selfextend.eval.report import markdown_vs_sliding, summarize, vs_sliding
+
+    def row(method, mode, window, ppls):
+        nll = [math.log(p) for p in ppls]
+        return {"task": "ppl", "method": method, "length": 8192, "depth": None, "sample": 0, "mode": mode,
+                "window": window, "bucket": 1024, "bucket_nll": nll, "nll": sum(nll) / len(nll),
+                "seconds": 1.0}
+
+    base = [10.0] * 8
+    rows = [row("truncate", "sliding", 3000, base),  # window 3000: buckets from 3072 (index 3) on count
+            row("a", "single-pass", None, [99.0] * 3 + [11.0, 12.0, 10.0, 10.0, 11.0]),
+            row("b", "single-pass", None, [10.0] * 3 + [20.0] * 5)]
+    table = {r["method"]: r for r in vs_sliding(summarize(rows), 8192)}
+    a = table["a"]
+    assert a["from_token"] == 3072 and a["buckets"] == 5 and a["baseline"] == "truncate"
+    assert math.isclose(a["ratio"], (1.1 * 1.2 * 1.0 * 1.0 * 1.1) ** (1 / 5))  # buckets 0-2 (99) ignored
+    assert a["ci95"][0] <= a["ratio"] <= a["ci95"][1] and a["worst_bucket"] == 4096
+    assert all(math.isclose(v, 2.0) for v in (table["b"]["ratio"], *table["b"]["ci95"]))
+    text = markdown_vs_sliding(list(table.values()))
+    assert "| b | 20.00 | 10.00 | 2.000x [2.000-2.000] | 3k (2.00x) |" in text
+    assert vs_sliding(summarize(rows[1:]), 8192) == []  # no sliding row: nothing to compare against
+
+
 def test_rows_carry_hashes_of_their_prompt_and_settings(model, tokenizer, tmp_path):
     config = EvalConfig("passkey", [parse_method("vanilla"), parse_method("self-extend:G=2:W=64")], [1200],
                         [0.5], 1, 0)

@@ -146,6 +146,7 @@ def summarize(rows: list[dict[str, Any]], planned: set[tuple] | None = None) -> 
                     "ppl": math.exp(nll), "nll": nll, "n": len(cell_rows), "mode": cell_rows[0]["mode"],
                     "ppl_ci95": list(bootstrap_ppl([b for r in cell_rows for b in r["bucket_nll"]])),
                     "bucket": cell_rows[0]["bucket"], "bucket_ppl": [math.exp(b) for b in bucket_nll],
+                    "window": cell_rows[0].get("window"),
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
                 }
     missing = 0
@@ -210,6 +211,56 @@ def markdown_buckets(summary: dict[str, Any], length: int) -> str:
     return "\n".join(lines)
 
 
+def vs_sliding(summary: dict[str, Any], length: int, reps: int = 2000,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """Every method's perplexity past the sliding baseline's window, divided by the baseline's on the same
+    buckets (the text's own difficulty read with the trained window), with a paired bootstrap interval.
+
+    The ratio is ``exp(mean over those buckets of nll_method - nll_baseline)``; buckets are resampled jointly
+    for both. Empty without a ``sliding`` row at this length."""
+    cells = {m: summary["results"][m].get(str(length)) for m in summary["methods"]}
+    cells = {m: c for m, c in cells.items() if c is not None and "bucket_ppl" in c}
+    base = next((m for m, c in cells.items() if c.get("mode") == "sliding" and c.get("window")), None)
+    if base is None:
+        return []
+    bucket, window = cells[base]["bucket"], cells[base]["window"]
+    first = -(-window // bucket)  # the first bucket that starts at or past the window
+    base_nll = [math.log(p) for p in cells[base]["bucket_ppl"]]
+    table = []
+    for method, cell in cells.items():
+        n = min(len(cell["bucket_ppl"]), len(base_nll))
+        if method == base or cell["bucket"] != bucket or n <= first:
+            continue
+        diff = torch.tensor([math.log(cell["bucket_ppl"][b]) - base_nll[b] for b in range(first, n)],
+                            dtype=torch.float64)
+        g = torch.Generator().manual_seed(seed)
+        boot = diff[torch.randint(len(diff), (reps, len(diff)), generator=g)].mean(1).exp()
+        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        worst = int(diff.argmax()) + first
+        table.append({"method": method, "baseline": base, "from_token": first * bucket, "length": length,
+                      "buckets": n - first, "ratio": math.exp(float(diff.mean())), "ci95": [lo, hi],
+                      "worst_bucket": worst * bucket, "worst_ratio": math.exp(float(diff.max())),
+                      "ppl": math.exp(float(sum(math.log(cell["bucket_ppl"][b]) for b in range(first, n))
+                                            / (n - first))),
+                      "baseline_ppl": math.exp(sum(base_nll[first:n]) / (n - first))})
+    return table
+
+
+def markdown_vs_sliding(table: list[dict[str, Any]]) -> str:
+    if not table:
+        return ""
+    t0 = table[0]
+    lines = [f"past token {t0['from_token']} (the baseline's window), against {t0['baseline']} on the same "
+             f"{t0['buckets']} buckets:", "",
+             "| method | ppl | baseline ppl | ratio [95% paired bootstrap] | worst bucket (ratio) |",
+             "|---|---:|---:|---|---|"]
+    for r in table:
+        lo, hi = r["ci95"]
+        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {r['baseline_ppl']:.2f} | {r['ratio']:.3f}x "
+                     f"[{lo:.3f}-{hi:.3f}] | {r['worst_bucket'] // 1024}k ({r['worst_ratio']:.2f}x) |")
+    return "\n".join(lines)
+
+
 def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarize the samples file into ``results_<task>.json`` (lm-evaluation-harness style) and return it."""
     out = Path(out_dir)
@@ -228,6 +279,8 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
         except (OSError, json.JSONDecodeError):
             continue
     summary = summarize(rows, planned)
+    against = {str(n): vs_sliding(summary, n) for n in summary["lengths"]}
+    summary["vs_sliding"] = {n: t for n, t in against.items() if t}
     path = out / RESULTS_FILE.format(task=task)
     try:
         previous = json.loads(path.read_text()) if path.exists() else {}
@@ -342,6 +395,9 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
             buckets = markdown_buckets(result, length)
             if buckets:
                 texts.append(f"{task} at {length} tokens, perplexity per position bucket:\n\n{buckets}")
+            against = markdown_vs_sliding(result.get("vs_sliding", {}).get(str(length), []))
+            if against:
+                texts.append(against)
         if plots:
             plot(out, task, result)
         if pair is not None and result["results"] and any("accuracy" in c for m in result["results"].values()
