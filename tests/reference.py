@@ -79,6 +79,7 @@ def attention_ref(
     q_start: int | None = None,
     softcap: float | None = None,
     precision: torch.dtype | None = None,
+    pair_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention from un-rotated q, k, v where pair (i, j) is scored at the integer RoPE distance
     ``distance[b, i, j]``, pair by pair, in fp64.
@@ -94,6 +95,7 @@ def attention_ref(
         key_valid: (B, Tk) bool, False at padding keys; a query whose own key index is padding gets zeros.
         q_start: key index of query 0 (default ``Tk - Tq``); causality is by index, key ``j <= q_start + i``.
         softcap: Gemma-2 logit soft-capping ``cap * tanh(s / cap)`` after scaling.
+        pair_scale: (B, Tq, Tk) multiplies each pair's scaled score (SelfExtend's ``grouped_scale``).
         precision: None for the exact fp64 oracle. A low-precision dtype (bf16) rounds every intermediate the
             way a plain attention written in that dtype stores it (rotated q, scores, probabilities, output):
             the error of that computation sets the flash-attention style tolerance of low-precision backends.
@@ -124,6 +126,8 @@ def attention_ref(
         q_rot = q_rot.reshape(bsz, heads, e - s, kv_len, dim)
         scores[:, :, s:e] = (q_rot * k_rot[:, :, None]).sum(-1)
     scores = rounded(scores * scaling)
+    if pair_scale is not None:
+        scores = rounded(scores * pair_scale[:, None].to(scores))
     if softcap is not None:
         scores = rounded(softcap * torch.tanh(scores / softcap))
 
@@ -139,9 +143,13 @@ def attention_ref(
 
 def selfextend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
                              key_pos: torch.Tensor, window: int, group_size: int, inv_freq: torch.Tensor,
-                             scaling: float, **kwargs) -> torch.Tensor:
-    """SelfExtend attention (``G = 1``: vanilla); ``kwargs`` as ``attention_ref``."""
+                             scaling: float, grouped_scale: float = 1.0, **kwargs) -> torch.Tensor:
+    """SelfExtend attention (``G = 1``: vanilla); ``grouped_scale`` multiplies the scores of pairs at
+    ``i - j >= window``; ``kwargs`` as ``attention_ref``."""
     distance = selfextend_distance_table(query_pos, key_pos, window, group_size)
+    if grouped_scale != 1:
+        far = (query_pos[:, :, None] - key_pos[:, None, :]) >= window
+        kwargs["pair_scale"] = torch.where(far, grouped_scale, 1.0).to(torch.float64)
     return attention_ref(q, k, v, key_pos, distance, inv_freq, scaling, **kwargs)
 
 

@@ -162,6 +162,10 @@ def test_middle_truncation_keeps_the_instruction_and_the_question(tokenizer):
         (dict(method="self-extend", group_size=2, window=16, target_length=10_000), "exceeds the reach"),
         (dict(method="self-extend", group_size=4, window=16, temperature="yes"),
          "temperature must be True or False"),
+        (dict(method="self-extend", group_size=4, window=16, grouped_scale=0),
+         "grouped_scale must be > 0, got 0; 1 is the paper's SelfExtend"),
+        (dict(method="self-extend", group_size=4, window=16, grouped_scale=float("nan")),
+         "grouped_scale must be a finite number"),
     ],
 )
 def test_bad_parameters_are_refused_and_leave_the_model_alone(kwargs, message):

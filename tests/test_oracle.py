@@ -383,7 +383,7 @@ def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def oracle_layer(
     model: torch.nn.Module, attn: torch.nn.Module, hidden: torch.Tensor, q_len: int, pos: torch.Tensor,
-    valid: torch.Tensor | None, window: int, group: int,
+    valid: torch.Tensor | None, window: int, group: int, grouped_scale: float = 1.0,
 ) -> torch.Tensor:
     """The attention layer's output for the last ``q_len`` of ``hidden`` (B, T, hidden) from the oracle, with
     RoPE frequencies from the config by our own formula (default rope type) and the layer's projections."""
@@ -397,7 +397,8 @@ def oracle_layer(
     k = _linear(attn.k_proj, hidden).view(bsz, kv_len, kv_heads, hd).transpose(1, 2)
     v = _linear(attn.v_proj, hidden).view(bsz, kv_len, kv_heads, hd).transpose(1, 2)
     out = selfextend_attention_ref(
-        q, k, v, pos[:, kv_len - q_len :], pos, window, group, inv_freq, hd**-0.5, key_valid=valid
+        q, k, v, pos[:, kv_len - q_len :], pos, window, group, inv_freq, hd**-0.5, key_valid=valid,
+        grouped_scale=grouped_scale,
     )
     return _linear(attn.o_proj, out.transpose(1, 2).reshape(bsz, q_len, heads * hd))
 
@@ -420,7 +421,7 @@ def model_tolerance(expected: torch.Tensor) -> float:
     return 1e-5 * float(expected.abs().max())
 
 
-def _check_layers(model, captures, calls, ids_mask_pos, window, group) -> None:
+def _check_layers(model, captures, calls, ids_mask_pos, window, group, grouped_scale=1.0) -> None:
     """Compare every captured call of every layer; ``calls`` lists the (start, end) tokens of each call."""
     _, mask, pos = ids_mask_pos
     valid = mask.bool()
@@ -433,7 +434,8 @@ def _check_layers(model, captures, calls, ids_mask_pos, window, group) -> None:
                 assert torch.equal(capture.position_ids[n].expand_as(pos[:, start:end]), pos[:, start:end])
             key_valid = None if bool(valid[:, :end].all()) else valid[:, :end]
             expected = oracle_layer(
-                model, capture.attn, hidden[:, :end], end - start, pos[:, :end], key_valid, window, group
+                model, capture.attn, hidden[:, :end], end - start, pos[:, :end], key_valid, window, group,
+                grouped_scale,
             )
             real = valid[:, start:end]
             err = float((got.double() - expected).abs().amax(-1)[real].max())
@@ -496,3 +498,22 @@ def test_model_cached_calls_match_oracle(padded: bool) -> None:
             )
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     _check_layers(model, captures, calls, tokens, MODEL_W, MODEL_G)
+
+
+def test_model_grouped_scale_matches_oracle() -> None:
+    """``grouped_scale`` multiplies the grouped pairs' scores only, through prefill, a chunk and decode."""
+    model = build_model("llama")
+    selfextend.apply(model, group_size=MODEL_G, window=MODEL_W, grouped_scale=1.7)
+    ids, mask, pos = tokens = _tokens(False, 134)
+    calls = [(0, 100), (100, 132), (132, 133), (133, 134)]
+    captures = _hook_last(model)
+    cache = None
+    with torch.no_grad():
+        for start, end in calls:
+            out = model(ids[:, start:end], position_ids=pos[:, start:end], use_cache=True,
+                        **({"past_key_values": cache} if cache is not None else {}))
+            cache = out.past_key_values
+    _check_layers(model, captures, calls, tokens, MODEL_W, MODEL_G, grouped_scale=1.7)
+    capture = captures[0]  # not vacuous: the paper's SelfExtend (scale 1) is far outside the tolerance
+    plain = oracle_layer(model, capture.attn, capture.hidden[0], 100, pos[:, :100], None, MODEL_W, MODEL_G)
+    assert float((capture.outputs[0].double() - plain).abs().max()) > 100 * model_tolerance(plain)

@@ -41,15 +41,17 @@ def test_write_gather_roundtrip_skips_padding_slots():
 
 
 @pytest.mark.parametrize("q_len", [T, 37, 1])  # prefill, a chunk, a decode step
-@pytest.mark.parametrize("group_size,window", [(4, 16), (3, 200)])  # past the window / all neighbors
-def test_paged_selfextend_equals_oracle(q_len, group_size, window):
+@pytest.mark.parametrize("group_size,window,scale", [(4, 16, 1.0), (3, 200, 1.0), (4, 16, 1.7)])
+def test_paged_selfextend_equals_oracle(q_len, group_size, window, scale):
+    """Past the window, every pair a neighbor, and a sharper grouped part (``grouped_scale``)."""
     q, k, v, q_rot, key_cache, value_cache, blocks = cached_request()
-    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="cpu"), INV_FREQ)
+    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="cpu", grouped_scale=scale),
+                             INV_FREQ)
     out = method.attend(q_rot[0, :, T - q_len :].transpose(0, 1), gather(key_cache, blocks, T),
                         gather(value_cache, blocks, T), D ** -0.5)
     pos = torch.arange(T)[None]
     want = selfextend_attention_ref(q[:, :, T - q_len :], k, v, pos[:, T - q_len :], pos, window, group_size,
-                                    INV_FREQ, D ** -0.5)
+                                    INV_FREQ, D ** -0.5, grouped_scale=scale)
     torch.testing.assert_close(out.transpose(0, 1)[None].to(want.dtype), want, atol=2e-5, rtol=1e-4)
 
 

@@ -17,7 +17,7 @@ if tp is None or type(tp._paged_selfextend_fwd).__name__ != "InterpretedFunction
     pytest.skip("the kernel modules were imported compiled before this module", allow_module_level=True)
 
 from selfextend.config import SelfExtendConfig  # noqa: E402
-from selfextend.integrations.vllm.paged import PagedSelfExtend, gather, token_positions, write  # noqa: E402
+from selfextend.integrations.vllm.paged import PagedSelfExtend, gather, write  # noqa: E402
 
 D = 64
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
@@ -51,11 +51,9 @@ def paged_batch(seq_lens, q_lens, heads=4, kv_heads=2, page=16, dtype=torch.floa
 
 
 def run_kernel(method, query, key_cache, value_cache, table, seq_lens, starts, **kw):
-    pos = token_positions(starts, seq_lens, query.shape[0])
-    grouped = method.queries.rotate(query, pos, "rotate_half")
-    cos, sin = method.keys.table(int(seq_lens.max()), query.device)
-    return tp.paged_selfextend_attention(query, grouped, key_cache, value_cache, table, seq_lens, starts, cos,
-                                         sin, method.config.window, D ** -0.5, **kw)
+    q_lens = starts[1:] - starts[:-1]
+    return method.attend_paged(query, key_cache, value_cache, table, seq_lens, starts, D ** -0.5,
+                               max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()), **kw)
 
 
 def gather_path(method, query, key_cache, value_cache, table, seq_lens, starts):
@@ -68,25 +66,28 @@ def gather_path(method, query, key_cache, value_cache, table, seq_lens, starts):
     return torch.cat(outs)
 
 
-def oracle_rows(q, k, v, n, q_len, group_size, window):
+def oracle_rows(q, k, v, n, q_len, group_size, window, scale=1.0):
     """The fp64 oracle's output for one request's last ``q_len`` queries, as (q_len, H, D)."""
     pos = torch.arange(n)[None]
     out = selfextend_attention_ref(q[:, :, n - q_len :], k, v, pos[:, n - q_len :], pos, window, group_size,
-                                   INV_FREQ, D ** -0.5)
+                                   INV_FREQ, D ** -0.5, grouped_scale=scale)
     return out[0].transpose(0, 1)
 
 
 BATCH = ([150, 90, 61], [150, 1, 23])  # a prefill, a decode step, a chunk after 38 cached tokens
 
 
-@pytest.mark.parametrize("group_size,window", [(4, 16), (3, 40), (2, 200)])  # 200: every pair a neighbor
+@pytest.mark.parametrize("group_size,window,scale", [(4, 16, 1.0), (3, 40, 1.0), (2, 200, 1.0), (4, 16, 1.7)])
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 32)])  # key tiles within one page / across two
-def test_paged_kernel_equals_oracle(group_size, window, tiles):
+def test_paged_kernel_equals_oracle(group_size, window, scale, tiles):
+    """Past the window, every pair a neighbor (W = 200), and a sharper grouped part (``grouped_scale``)."""
     requests, query, kc, vc, table, seq_lens, starts = paged_batch(*BATCH)
-    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="reference"), INV_FREQ)
+    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="reference",
+                                              grouped_scale=scale), INV_FREQ)
     out = run_kernel(method, query, kc, vc, table, seq_lens, starts, block_m=tiles[0], block_n=tiles[1])
     for r, (q, k, v, _) in enumerate(requests):
-        want = oracle_rows(q, k, v, int(seq_lens[r]), int(starts[r + 1] - starts[r]), group_size, window)
+        n, q_len = int(seq_lens[r]), int(starts[r + 1] - starts[r])
+        want = oracle_rows(q, k, v, n, q_len, group_size, window, scale)
         torch.testing.assert_close(out[starts[r] : starts[r + 1]].to(want.dtype), want, atol=2e-5, rtol=1e-4)
 
 

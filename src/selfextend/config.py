@@ -85,6 +85,7 @@ class SelfExtendConfig:
     allow_overflow: bool = False
     temperature: bool = False  # logits x (0.1 ln s + 1)^2 for queries past L, s = (pos + 1) / L
     allow_large_group_size: bool = False  # group_size past MAX_GROUP_SIZE: untested territory, opt-in
+    grouped_scale: float = 1.0  # logits of grouped pairs x this (> 1 sharpens them); not in the paper
 
     @property
     def max_length(self) -> int:
@@ -95,6 +96,7 @@ class SelfExtendConfig:
             f"group_size={self.group_size}, window={self.window}, trained_length={self.trained_length}, "
             f"reach={self.max_length} tokens, backend={self.backend}"
             + (", temperature" if self.temperature else "")
+            + (f", grouped_scale={self.grouped_scale}" if self.grouped_scale != 1 else "")
         )
 
 
@@ -109,6 +111,7 @@ def selfextend_config(model_config, params: Mapping[str, Any],
     backend, allow_overflow = params.get("backend", "auto"), params.get("allow_overflow", False)
     temperature = params.get("temperature", False)
     allow_large = params.get("allow_large_group_size", False)
+    grouped_scale = params.get("grouped_scale", 1.0)
     L = trained_length if trained_length is not None else trained_length_of(model_config)
     check_number("trained_length", L, minimum=2, integer=True)
     check_backend_name(backend, "self-extend")
@@ -144,6 +147,8 @@ def selfextend_config(model_config, params: Mapping[str, Any],
         )
     check_number("group_size", group_size, minimum=1, integer=True)
     check_bool("temperature", temperature)
+    check_number("grouped_scale", grouped_scale, minimum=0, strict=True,
+                 fix="1 is the paper's SelfExtend; values above 1 sharpen the grouped part")
     check_bool("allow_overflow", allow_overflow)
     check_bool("allow_large_group_size", allow_large)
     if group_size > MAX_GROUP_SIZE and not allow_large:
@@ -154,7 +159,8 @@ def selfextend_config(model_config, params: Mapping[str, Any],
             "allow_large_group_size=True to try it."
         )
 
-    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature, allow_large)
+    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature, allow_large,
+                           float(grouped_scale))
     if target_length is not None and target_length > cfg.max_length:
         raise ValueError(
             f"target_length={target_length} exceeds the reach {reach_formula(L, window, group_size)} "

@@ -33,6 +33,8 @@ class SelfExtend(AttentionMethod):
         Param("allow_large_group_size", bool, False, "group_size past 64 (no published result uses more)"),
         Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
               "(as DCA/YaRN; not in the paper)"),
+        Param("grouped_scale", float, 1.0, "logits of grouped pairs (distance >= W) x this: > 1 sharpens "
+              "the grouped part only (not in the paper)"),
     )
     config_class = SelfExtendConfig
     integration = SELFEXTEND

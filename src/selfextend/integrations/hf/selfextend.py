@@ -60,6 +60,8 @@ class SelfExtendAttention(AttentionIntegration):
         query_delta = call.per_forward(("query_delta", *query_pos.shape, call.kv_len, query.device, G, W),
                                        lambda: grouped_query_positions(query_pos, G, W) - query_pos)
         grouped_query = call.rotate(query, query_delta)
+        if cfg.grouped_scale != 1:  # grouped scores are q_g . k_g alone: scaling q_g scales only them
+            grouped_query = grouped_query * cfg.grouped_scale
         contiguous = ends_contiguous(key_valid, written)
         grouped_key = keeper.grouped_keys(layer_idx, key, key_pos, written, call.q_start, W, G, contiguous,
                                           call.rotate)

@@ -114,7 +114,7 @@ class PagedSelfExtend(PagedMethod):
         if int(query_pos[-1]) < self.config.window or self.config.group_size == 1:
             grouped_query, grouped_key = query, key  # every pair is a neighbor: grouped ones are never read
         else:
-            grouped_query = self.queries.rotate(query, query_pos, self.layout)
+            grouped_query = self.queries.rotate(query, query_pos, self.layout) * self.config.grouped_scale
             grouped_key = self.keys.rotate(key, key_pos, self.layout)
         return SelfExtendInputs(query=_heads_first(query), key=_heads_first(key),
                                 grouped_query=_heads_first(grouped_query),
@@ -139,10 +139,11 @@ class PagedSelfExtend(PagedMethod):
     def attend_paged(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      scale: float, *, max_query_len: int, max_seq_len: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, **launch) -> torch.Tensor:
         """A whole varlen batch in one launch of the paged Triton kernel, keys read through the block table
         (no gather, no grouped key copy). ``query`` (T, H, D) packed; the caches ``(num_blocks, Hkv, PAGE,
-        D)`` with any strides but the last; the rest as vLLM's metadata. Nothing here reads the device."""
+        D)`` with any strides but the last; the rest as vLLM's metadata; ``launch``: tile overrides (tests).
+        Nothing here reads the device."""
         from ...backends import triton_paged
 
         seq_lens = seq_lens[: query_start_loc.shape[0] - 1]  # an engine may pad its per-request arrays
@@ -150,10 +151,12 @@ class PagedSelfExtend(PagedMethod):
         query = self.temperature(query, pos)
         cos, sin = self.queries.table(max_seq_len, query.device)
         grouped = rotate_with(query, cos[pos][:, None], sin[pos][:, None], self.layout)
+        grouped = grouped * self.config.grouped_scale
         key_cos, key_sin = self.keys.table(max_seq_len, query.device)
         return triton_paged.paged_selfextend_attention(
             query, grouped, key_cache, value_cache, block_table, seq_lens, query_start_loc, key_cos, key_sin,
-            self.config.window, scale, max_query_len=max_query_len, max_seq_len=max_seq_len, out=out)
+            self.config.window, scale, max_query_len=max_query_len, max_seq_len=max_seq_len, out=out,
+            **launch)
 
 
 class PagedDCA(PagedMethod):
