@@ -75,6 +75,11 @@ step_truncate_middle() {  # truncate's default became middle truncation (LongBen
   $SE eval passkey "${C[@]}" --methods truncate --lengths 4k,8k --depths $D5 --out $P
   $SE eval passkey "${C[@]}" --methods truncate --lengths 16k,24k,32k --depths $D3 --out $P
 }
+step_32k_variants() {  # what the 32k attention diagnostic points to, on the rule's 32k samples (paired):
+  # a smaller G (the smallest whose reach covers 32k at W=2048) and a sharper grouped softmax
+  $SE eval passkey "${C[@]}" --methods self-extend:group_size=6:window=2048 --lengths 32k --depths $D5 --out $P
+  $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 32k --depths $D5 --out $P
+}
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
   for corpus in pydoc stdlib essays; do
