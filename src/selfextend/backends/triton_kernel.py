@@ -28,7 +28,8 @@ deltas in ``rope.py``; grouped keys are rotated once per key, in the KV cache, b
 ``integrations.hf.grouped_cache.GroupedCache``). Rotating inside the kernel would need every RoPE
 layout variant (rotate-half, interleaved, partial rotary, per layer-type frequencies) re-implemented in
 Triton and would re-rotate each key tile for every query tile that reads it; it would save the grouped-key
-copy (0.5x KV memory while decoding), which is the natural next step once it can be measured on a GPU.
+copy (0.5x KV memory while decoding). ``triton_paged.py`` does exactly that for the vLLM plugin (rotate-half,
+full rotary: the layouts vLLM's supported models use), where no grouped copy can be kept.
 
 Positions are per row (``query_pos``, ``key_pos``, ``key_valid``), so left padding, batches of different
 lengths and chunked prefill (``q_start > 0``) need nothing special. Causality is by index
