@@ -255,6 +255,9 @@ def paged_selfextend_attention(
     split = num_splits > 1
     if out is None:
         out = torch.empty(tokens, heads, dim_v, device=query.device, dtype=query.dtype)
+    elif out.stride(-1) != 1 or out.shape != (tokens, heads, dim_v):
+        raise ValueError(f"out must be ({tokens}, {heads}, {dim_v}) with a unit last stride, got "
+                         f"{tuple(out.shape)} strides {out.stride()}")
     if split:
         out_buf = torch.empty(num_splits, tokens * heads, dim_v, device=query.device, dtype=torch.float32)
         lse_buf = torch.empty(num_splits, tokens * heads, device=query.device, dtype=torch.float32)
