@@ -3,6 +3,7 @@ JSONL, a results file and plots; resuming gives the uninterrupted summary; bad i
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -308,3 +309,17 @@ def test_rows_carry_hashes_of_their_prompt_and_settings(model, tokenizer, tmp_pa
     rows = run_eval(model, tokenizer, config, tmp_path, progress=False)
     assert rows[0]["prompt_sha"] == rows[1]["prompt_sha"]  # the same prompt for every method
     assert rows[0]["settings_sha"] != rows[1]["settings_sha"] and len(rows[0]["settings_sha"]) == 16
+
+
+def test_sample_writer_follows_a_replaced_file(tmp_path):
+    """A results file replaced under a running eval (git checkout / stash of the results directory) still
+    receives every later row, each on its own line."""
+    path = tmp_path / "samples_passkey.jsonl"
+    writer = SampleWriter(path)
+    writer.write({"sample": 0})
+    replacement = tmp_path / "checkout.tmp"
+    replacement.write_text('{"sample": -1}')  # what the checkout restores, without a final newline
+    os.replace(replacement, path)
+    writer.write({"sample": 1})
+    writer.close()
+    assert [json.loads(line)["sample"] for line in path.read_text().splitlines()] == [-1, 1]

@@ -138,13 +138,15 @@ def latest_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 
 
 class SampleWriter:
-    """Appends rows to the samples file; each row is flushed and fsynced before the next sample starts."""
+    """Appends rows to the samples file; each row is flushed and fsynced before the next sample starts.
+
+    The file is opened anew for every row: a handle held across samples would keep writing into the old
+    file once something replaces the path (``git checkout`` or ``git stash`` of a results directory during
+    a run), and every later row would be lost with it."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._repair_tail()
-        self._f = path.open("a", encoding="utf-8")
 
     def _repair_tail(self) -> None:
         """A crash mid-write can leave a last line without its newline: end it so the next row starts
@@ -158,12 +160,14 @@ class SampleWriter:
                     f.write("\n")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row, sort_keys=True) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._repair_tail()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        """Nothing stays open between rows; kept for ``with`` blocks."""
 
     def __enter__(self) -> SampleWriter:
         return self
