@@ -80,6 +80,12 @@ step_32k_variants() {  # what the 32k attention diagnostic points to, on the rul
   $SE eval passkey "${C[@]}" --methods self-extend:group_size=6:window=2048 --lengths 32k --depths $D5 --out $P
   $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 32k --depths $D5 --out $P
 }
+step_grouped_scale() {  # the sharper grouped softmax at 16k (filler, prose) and on perplexity
+  $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 16k --depths $D5 --out $P
+  $SE eval passkey_essays "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 16k --depths $D5 \
+    --samples 2 --out $T
+  $SE eval ppl "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 32k --corpus pydoc --out docs/results/ppl
+}
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
   for corpus in pydoc stdlib essays; do
