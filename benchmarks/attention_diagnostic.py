@@ -23,6 +23,7 @@ import torch
 import selfextend
 from selfextend.backends import BACKENDS, SelfExtendInputs
 from selfextend.backends.blockwise import BlockwiseBackend
+from selfextend.eval.runner import parse_method
 from selfextend.eval.tasks import TASKS
 
 RECORD: list[dict] = []
@@ -109,7 +110,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--depths", default="0.05,0.5")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default="self-extend,dynamic-ntk")
+    parser.add_argument("--methods", default="self-extend,dynamic-ntk",
+                        help="comma list of method specs as in `selfextend eval` (name:key=value)")
     parser.add_argument("--task", default="passkey", help="passkey or a variant with the Landmark wording "
                         "(passkey_essays, passkey_pydoc)")
     parser.add_argument("--out", default="docs/results/diagnostic_32k")
@@ -137,10 +139,11 @@ def main() -> None:
             if (args.task, args.length, method, depth) in done:
                 continue
             RECORD.clear()
-            if method == "self-extend":
-                selfextend.apply(model, target_length=args.length + 16, backend="record")
+            spec = parse_method(method)  # a name, or name:key=value (e.g. self-extend:grouped_scale=1.3)
+            if spec.name == "self-extend":
+                selfextend.apply(model, target_length=args.length + 16, backend="record", **spec.params)
             else:
-                selfextend.apply(model, method=method, target_length=args.length + 16)
+                selfextend.apply(model, method=spec.name, target_length=args.length + 16, **spec.params)
                 model.set_attn_implementation("record_sdpa")
             start = time.perf_counter()
             with torch.no_grad():  # the prefill records (decode steps have one query row and are skipped)
