@@ -120,7 +120,6 @@ class PagedSelfExtend(PagedMethod):
                                 grouped_query=_heads_first(grouped_query),
                                 grouped_key=_heads_first(grouped_key), window=self.config.window, **common)
 
-
     def paged_reason(self, query: torch.Tensor, value_dim: int) -> str | None:
         """Why ``attend_paged`` cannot take this batch (None: it can); the caller then gathers."""
         dim = query.shape[-1]
@@ -143,7 +142,7 @@ class PagedSelfExtend(PagedMethod):
         """A whole varlen batch in one launch of the paged Triton kernel, keys read through the block table
         (no gather, no grouped key copy). ``query`` (T, H, D) packed; the caches ``(num_blocks, Hkv, PAGE,
         D)`` with any strides but the last; the rest as vLLM's metadata; ``launch``: tile overrides (tests).
-        Nothing here reads the device."""
+        Nothing here waits for the device (the optional temperature aside)."""
         from ...backends import triton_paged
 
         seq_lens = seq_lens[: query_start_loc.shape[0] - 1]  # an engine may pad its per-request arrays
