@@ -79,6 +79,8 @@ step_32k_variants() {  # what the 32k attention diagnostic points to, on the rul
   # a smaller G (the smallest whose reach covers 32k at W=2048) and a sharper grouped softmax
   $SE eval passkey "${C[@]}" --methods self-extend:group_size=6:window=2048 --lengths 32k --depths $D5 --out $P
   $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 32k --depths $D5 --out $P
+  $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.3,self-extend --lengths 32k --depths $D5 \
+    --samples 2 --out $P  # a second seed for both
 }
 step_grouped_scale() {  # the sharper grouped softmax at 16k (filler, prose) and on perplexity
   $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 16k --depths $D5 --out $P
@@ -88,8 +90,10 @@ step_grouped_scale() {  # the sharper grouped softmax at 16k (filler, prose) and
 }
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
-  for corpus in pydoc stdlib essays; do
-    $SE eval ppl "${C[@]}" --methods self-extend,truncate --lengths 32k --corpus $corpus --out docs/results/ppl_$corpus
+  # (pydoc: the rows of step_ppl in docs/results/ppl, grouped_scale there by step_grouped_scale)
+  for corpus in stdlib essays; do
+    $SE eval ppl "${C[@]}" --methods self-extend,truncate,self-extend:grouped_scale=1.3 --lengths 32k \
+      --corpus $corpus --out docs/results/ppl_$corpus
   done
 }
 
