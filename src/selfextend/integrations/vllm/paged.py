@@ -57,14 +57,16 @@ class RotationTable:
             cos, sin = self.tables[device] = rotation_table(self.delta(p), self.inv_freq.to(device))
         return cos, sin
 
-    def rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of shape ``(n, 1, rd/2)`` for positions ``pos`` (n,)."""
-        cos, sin = self.table(int(pos.max()) + 1, pos.device)
+    def rows(self, pos: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``(n, 1, rd/2)`` for positions ``pos`` (n,); ``need`` (> every position)
+        spares reading the largest position back from the device."""
+        cos, sin = self.table(int(pos.max()) + 1 if need is None else need, pos.device)
         return cos[pos][:, None], sin[pos][:, None]
 
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor, layout: str) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor, layout: str,
+               need: int | None = None) -> torch.Tensor:
         """``x`` (n, heads, D), token ``t`` rotated at ``pos[t]``, moved to ``pos[t] + delta(pos[t])``."""
-        cos, sin = self.rows(pos)
+        cos, sin = self.rows(pos, need)
         return rotate_with(x, cos, sin, layout)
 
 
@@ -148,9 +150,7 @@ class PagedSelfExtend(PagedMethod):
         seq_lens = seq_lens[: query_start_loc.shape[0] - 1]  # an engine may pad its per-request arrays
         pos = token_positions(query_start_loc, seq_lens, query.shape[0])
         query = self.temperature(query, pos)
-        cos, sin = self.queries.table(max_seq_len, query.device)
-        grouped = rotate_with(query, cos[pos][:, None], sin[pos][:, None], self.layout)
-        grouped = grouped * self.config.grouped_scale
+        grouped = self.queries.rotate(query, pos, self.layout, need=max_seq_len) * self.config.grouped_scale
         key_cos, key_sin = self.keys.table(max_seq_len, query.device)
         return triton_paged.paged_selfextend_attention(
             query, grouped, key_cache, value_cache, block_table, seq_lens, query_start_loc, key_cos, key_sin,
