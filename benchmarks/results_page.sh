@@ -57,6 +57,15 @@ step_trust_passkey() {  # cheapest first: in-window reference, SelfExtend at 16k
   $SE eval passkey "${C[@]}" --methods truncate,dynamic-ntk,dca,yarn,vanilla --lengths 24k --depths $D5 --samples 2 --out $T
   $SE eval passkey "${C[@]}" --methods self-extend,dynamic-ntk,truncate,dca,yarn,vanilla --lengths 32k --depths $D5 --samples 2 --out $T
 }
+step_trust_ruler() {  # issue 18: RULER at 16k with 5 samples per cell (5 depths; vt has no depth: 5 seeds),
+  # beside the in-window reference at 8k
+  R=docs/results/ruler_n5
+  for task in niah_single niah_multikey vt; do
+    if [ $task = vt ]; then n=(--samples 5); else n=(--depths $D5); fi
+    $SE eval $task "${C[@]}" --methods vanilla --lengths 8k "${n[@]}" --out $R
+    $SE eval $task "${C[@]}" --methods self-extend,dca,dynamic-ntk,vanilla --lengths 16k "${n[@]}" --out $R
+  done
+}
 step_trust_prose() {  # the same grid on real prose and in other words: in-window reference, then SelfExtend
   for task in passkey_essays passkey_alt; do
     $SE eval $task "${C[@]}" --methods vanilla --lengths 8k --depths $D5 --samples 2 --out $T
