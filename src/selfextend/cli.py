@@ -6,8 +6,11 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+from .eval.page import add_report_flags
 
 DEMO_LENGTH = 12000  # tokens: past the 8192 trained context; about 45 s per prefill on 2 CPU cores
 DEMO_DEPTH = 0.3  # measured: vanilla fails, SelfExtend G=4 W=1024 answers (see README)
@@ -198,7 +201,20 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     from .eval.report import report
 
-    print(report(args.dir, args.task, plots=not args.no_plots, pair=args.compare))
+    print(report(args.dir, args.task, plots=not args.no_plots, pair=args.compare, parts=args.only))
+    return 0
+
+
+def cmd_page(args) -> int:
+    from .eval.page import refresh
+
+    stale = refresh(args.page, args.root, check=args.check_only)
+    for marker in stale:
+        print(f"{'stale' if args.check_only else 're-rendered'}: {marker}")
+    if args.check_only and stale:
+        print(f"{len(stale)} block(s) of {args.page} differ from the results files: run "
+              f"`selfextend page {args.page}` and commit the page with the samples", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -418,13 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval, check=check.check_eval_flags)
 
     p = sub.add_parser("report", help="re-render tables and plots from a results directory")
-    p.add_argument("dir", type=check.results_dir)
-    p.add_argument("--compare", type=check.method_pair, default=None,
-                   help="A,B: two method labels on the same samples (paired): who alone was right, sign test")
-    p.add_argument("--task", action="append", default=None,
-                   help="only these tasks (default: every samples file)")
+    add_report_flags(p)
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("page", help="re-render the `selfextend report` blocks of a markdown page "
+                                    "(docs/results.md) from the results files")
+    p.add_argument("page", type=check.existing_file)
+    p.add_argument("--root", type=check.directory, default=Path("."),
+                   help="the directory the blocks' paths are relative to (default: the current one)")
+    p.add_argument("--check", dest="check_only", action="store_true",
+                   help="change nothing; exit 1 if a block is stale")
+    p.set_defaults(func=cmd_page)
 
     p = sub.add_parser("tune", help="pick group_size and window for a model and length from a seeded sweep")
     common(p)

@@ -159,6 +159,20 @@ def results_dir(name: str) -> Path:
     return path
 
 
+def existing_file(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{name}: no such file")
+    return path
+
+
+def directory(name: str) -> Path:
+    path = Path(name)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{name}: no such directory")
+    return path
+
+
 @dataclass(frozen=True)
 class Document:
     """A text file's name and content (``-``: standard input)."""

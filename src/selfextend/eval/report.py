@@ -250,8 +250,8 @@ def markdown_vs_sliding(table: list[dict[str, Any]]) -> str:
     if not table:
         return ""
     t0 = table[0]
-    lines = [f"past token {t0['from_token']} (the baseline's window), against {t0['baseline']} on the same "
-             f"{t0['buckets']} buckets:", "",
+    lines = [f"At {t0['length']} tokens, past token {t0['from_token']} (the baseline's window), against "
+             f"{t0['baseline']} on the same {t0['buckets']} buckets:", "",
              "| method | ppl | baseline ppl | ratio [95% paired bootstrap] | worst bucket (ratio) |",
              "|---|---:|---:|---|---|"]
     for r in table:
@@ -261,8 +261,9 @@ def markdown_vs_sliding(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Summarize the samples file into ``results_<task>.json`` (lm-evaluation-harness style) and return it."""
+def summary_of(out_dir: str | Path, task: str) -> tuple[dict[str, Any], list]:
+    """The summary of every samples file of ``task`` in ``out_dir`` (missing samples from the run files) and
+    the corrupt lines skipped; writes nothing, so a page can be checked against committed files."""
     out = Path(out_dir)
     rows, bad = [], []
     for samples in task_files(out, SAMPLES_FILE, task):  # the whole run's file and every shard's
@@ -281,6 +282,13 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
     summary = summarize(rows, planned)
     against = {str(n): vs_sliding(summary, n) for n in summary["lengths"]}
     summary["vs_sliding"] = {n: t for n, t in against.items() if t}
+    return summary, bad
+
+
+def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summarize the samples file into ``results_<task>.json`` (lm-evaluation-harness style) and return it."""
+    out = Path(out_dir)
+    summary, bad = summary_of(out, task)
     path = out / RESULTS_FILE.format(task=task)
     try:
         previous = json.loads(path.read_text()) if path.exists() else {}
@@ -378,8 +386,45 @@ def task_rows(out: Path, task: str) -> list[dict[str, Any]]:
     return [row for path in task_files(out, SAMPLES_FILE, task) for row in read_rows(path)[0]]
 
 
+PARTS = ("table", "buckets", "vs-sliding", "compare")
+
+
+def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str, str] | None = None,
+           parts: list[str] | None = None, summaries: dict[str, dict[str, Any]] | None = None) -> str:
+    """The markdown ``selfextend report`` prints: per task the methods x lengths table, the perplexity
+    buckets and the ratio to the sliding baseline per length, and the paired comparison when ``pair`` is
+    given; ``parts`` keeps only some of them (``PARTS``). Reads the samples files, writes nothing."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ValueError(f"results directory {out} does not exist")
+    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
+    if not names:
+        raise ValueError(f"no samples_*.jsonl files in {out}")
+    bad = sorted(set(parts or ()) - set(PARTS))
+    if bad:
+        raise ValueError(f"unknown report part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    keep = set(parts or PARTS)
+    texts = []
+    for task in names:
+        result = (summaries or {}).get(task) or summary_of(out, task)[0]
+        if "table" in keep:
+            texts.append(markdown(result, task))
+        for length in result["lengths"]:
+            buckets = markdown_buckets(result, length) if "buckets" in keep else ""
+            if buckets:
+                texts.append(f"{task} at {length} tokens, perplexity per position bucket:\n\n{buckets}")
+            against = (markdown_vs_sliding(result.get("vs_sliding", {}).get(str(length), []))
+                       if "vs-sliding" in keep else "")
+            if against:
+                texts.append(against)
+        if "compare" in keep and pair is not None and any(
+                "accuracy" in c for m in result["results"].values() for c in m.values()):
+            texts.append(markdown_compare(compare(task_rows(out, task), *pair)))
+    return "\n\n".join(texts)
+
+
 def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = True,
-           pair: tuple[str, str] | None = None) -> str:
+           pair: tuple[str, str] | None = None, parts: list[str] | None = None) -> str:
     """Re-render results files, markdown tables and plots from every samples file in ``out_dir``."""
     out = Path(out_dir)
     if not out.is_dir():
@@ -387,20 +432,9 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
     names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
     if not names:
         raise ValueError(f"no samples_*.jsonl files in {out}")
-    texts = []
+    summaries = {}
     for task in names:
-        result = write_results(out, task)
-        texts.append(markdown(result, task))
-        for length in result["lengths"]:
-            buckets = markdown_buckets(result, length)
-            if buckets:
-                texts.append(f"{task} at {length} tokens, perplexity per position bucket:\n\n{buckets}")
-            against = markdown_vs_sliding(result.get("vs_sliding", {}).get(str(length), []))
-            if against:
-                texts.append(against)
+        summaries[task] = write_results(out, task)
         if plots:
-            plot(out, task, result)
-        if pair is not None and result["results"] and any("accuracy" in c for m in result["results"].values()
-                                                          for c in m.values()):
-            texts.append(markdown_compare(compare(task_rows(out, task), *pair)))
-    return "\n\n".join(texts)
+            plot(out, task, summaries[task])
+    return render(out, names, pair, parts, summaries)
