@@ -76,3 +76,28 @@ def test_rotation_table_grows_and_equals_rotate_by():
         got = method.keys.rotate(x[:n], pos, "rotate_half")
         want = rotate_by(x[:n].transpose(0, 1)[None], (pos // 4 - pos)[None], INV_FREQ)[0].transpose(0, 1)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("selfextend", {"group_size": 4, "window": 64}),
+    ("selfextend", {"target_length": 2000, "grouped_scale": 1.3, "temperature": True, "backend": "reference",
+                    "allow_overflow": True}),
+    ("selfextend", {"group_size": 80, "window": 64, "allow_large_group_size": True}),
+    ("dca", {"chunk_size": 400, "local_window": 64, "backend": "reference", "vanilla_within_trained": False}),
+])
+def test_overrides_carry_every_resolved_setting(method, params):
+    """``overrides_for`` of resolved settings, read back by the plugin, gives the same settings: no setting
+    (grouped_scale, backend, ...) is dropped on the way to vLLM."""
+    from transformers import LlamaConfig
+
+    from selfextend.integrations.vllm.settings import overrides_for, resolve
+
+    def hf_config(extra):
+        config = LlamaConfig(max_position_embeddings=512, hidden_size=64, num_attention_heads=4)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        return config
+
+    settings = resolve(hf_config({method: params}))
+    again = resolve(hf_config(overrides_for(settings)), trained_length=512)
+    assert again.config == settings.config and again.reach == settings.reach

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Any
 
@@ -158,15 +158,19 @@ def refusal(hf_config, settings: Settings, *, max_model_len: int, raised: bool, 
 
 
 def overrides_for(settings: Settings) -> dict[str, Any]:
-    """The complete ``hf_overrides`` for resolved settings (explicit values: nothing left to re-derive)."""
+    """The complete ``hf_overrides`` for resolved settings (explicit values: nothing left to re-derive).
+
+    Every setting that differs from its default travels (``grouped_scale``, ``backend``, ...): dropping one
+    would make vLLM run another method than the one resolved, silently."""
     cfg = settings.config
     if settings.method == "self-extend":
-        body: dict[str, Any] = {"group_size": cfg.group_size, "window": cfg.window,
-                                "trained_length": cfg.trained_length}
-        if cfg.temperature:
-            body["temperature"] = True
+        body = _explicit(cfg, ("group_size", "window", "trained_length"))
         return {"selfextend": body, "max_position_embeddings": settings.reach}
-    body = {"chunk_size": cfg.chunk_size, "local_window": cfg.local_window,
-            "trained_length": cfg.trained_length, "temperature": cfg.temperature,
-            "vanilla_within_trained": cfg.vanilla_within_trained}
+    body = _explicit(cfg, ("chunk_size", "local_window", "trained_length", "temperature",
+                           "vanilla_within_trained"))  # temperature's default depends on the model: explicit
     return {"dca": body, "max_position_embeddings": settings.reach, QWEN_DCA_KEY: None}
+
+
+def _explicit(cfg: SelfExtendConfig | DCAConfig, always: tuple[str, ...]) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)
+            if f.name in always or getattr(cfg, f.name) != f.default}
