@@ -11,7 +11,7 @@ import selfextend
 from selfextend.integrations.hf.compat import cache_kwarg, output_cache
 from selfextend.integrations.hf.model_info import rotary_embedding
 from selfextend.methods import METHODS, truncate_ids
-from selfextend.positions import temperature_factor
+from selfextend.positions import log_scale_factor, temperature_factor
 
 N = 150
 
@@ -166,6 +166,10 @@ def test_middle_truncation_keeps_the_instruction_and_the_question(tokenizer):
          "grouped_scale must be > 0, got 0; 1 is the paper's SelfExtend"),
         (dict(method="self-extend", group_size=4, window=16, grouped_scale=float("nan")),
          "grouped_scale must be a finite number"),
+        (dict(method="self-extend", group_size=4, window=16, scale_base=1), "scale_base=1 divides by ln 1"),
+        (dict(method="self-extend", group_size=4, window=16, scale_base=-64), "scale_base must be >= 0"),
+        (dict(method="self-extend", group_size=4, window=16, scale_base=64.5),
+         "scale_base must be an integer"),
     ],
 )
 def test_bad_parameters_are_refused_and_leave_the_model_alone(kwargs, message):
@@ -210,6 +214,33 @@ def test_self_extend_temperature_acts_past_the_trained_length_only():
     steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
              for t in range(N - 9, N)]
     assert (torch.cat(steps, 1) - warm[:, -9:]).abs().max() < 1e-4
+
+
+def test_self_extend_log_scale_acts_past_its_base_and_is_the_softmax_scale_times_the_factor():
+    """The authors' code's ``scale_base``: query rows x max(1, ln(pos + 1) / ln(base)); 1 within L when the
+    base is L; decode equals one pass; on one layer, the last row's logits are the softmax scale x factor."""
+    model = build_model("llama")
+    x = ids()
+    selfextend.apply(model, group_size=4, window=16)
+    plain = logits(model, x)
+    selfextend.apply(model, group_size=4, window=16, scale_base=TRAINED)
+    assert selfextend.settings(model).scale_base == TRAINED
+    scaled = logits(model, x)
+    assert torch.equal(scaled[:, :TRAINED], plain[:, :TRAINED]) and (scaled - plain).abs().max() > 1e-3
+    cache = output_cache(model(x[:, :-9], use_cache=True))
+    steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
+             for t in range(N - 9, N)]
+    assert (torch.cat(steps, 1) - scaled[:, -9:]).abs().max() < 1e-4
+
+    one = build_model("llama", num_hidden_layers=1)
+    selfextend.apply(one, group_size=4, window=16, scale_base=TRAINED)
+    want = logits(one, x)[:, -1]
+    f = float(log_scale_factor(torch.tensor([N - 1]), TRAINED))
+    assert abs(f - math.log(N) / math.log(TRAINED)) < 1e-6 and f > 1
+    selfextend.apply(one, group_size=4, window=16)
+    for m in (m for m in one.modules() if hasattr(m, "selfextend_layer")):
+        m.scaling *= f
+    assert (logits(one, x)[:, -1] - want).abs().max() < 1e-4
 
 
 def test_self_extend_temperature_is_the_softmax_scale_times_t_squared():

@@ -3,6 +3,8 @@ without vLLM: a request's keys gathered from a scrambled block table, prefill, a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import dca_attention_ref, rope, selfextend_attention_ref
@@ -41,16 +43,21 @@ def test_write_gather_roundtrip_skips_padding_slots():
 
 
 @pytest.mark.parametrize("q_len", [T, 37, 1])  # prefill, a chunk, a decode step
-@pytest.mark.parametrize("group_size,window,scale", [(4, 16, 1.0), (3, 200, 1.0), (4, 16, 1.7)])
-def test_paged_selfextend_equals_oracle(q_len, group_size, window, scale):
-    """Past the window, every pair a neighbor, and a sharper grouped part (``grouped_scale``)."""
+@pytest.mark.parametrize("group_size,window,scale,base", [(4, 16, 1.0, 0), (3, 200, 1.0, 0), (4, 16, 1.7, 0),
+                                                           (4, 16, 1.0, 64)])
+def test_paged_selfextend_equals_oracle(q_len, group_size, window, scale, base):
+    """Past the window, every pair a neighbor, a sharper grouped part (``grouped_scale``) and the log
+    scaling of the authors' code (``scale_base``: each query row's logits x max(1, ln(i + 1) / ln base))."""
     q, k, v, q_rot, key_cache, value_cache, blocks = cached_request()
-    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="cpu", grouped_scale=scale),
-                             INV_FREQ)
+    method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="cpu", grouped_scale=scale,
+                                              scale_base=base), INV_FREQ)
     out = method.attend(q_rot[0, :, T - q_len :].transpose(0, 1), gather(key_cache, blocks, T),
                         gather(value_cache, blocks, T), D ** -0.5)
     pos = torch.arange(T)[None]
-    want = selfextend_attention_ref(q[:, :, T - q_len :], k, v, pos[:, T - q_len :], pos, window, group_size,
+    query = q[:, :, T - q_len :].double()
+    if base:  # by hand, in fp64: the row's factor on the unrotated query (rotation is linear)
+        query = query * (torch.log(pos[0, T - q_len :].double() + 1) / math.log(base)).clamp(min=1)[:, None]
+    want = selfextend_attention_ref(query, k, v, pos[:, T - q_len :], pos, window, group_size,
                                     INV_FREQ, D ** -0.5, grouped_scale=scale)
     torch.testing.assert_close(out.transpose(0, 1)[None].to(want.dtype), want, atol=2e-5, rtol=1e-4)
 
@@ -80,8 +87,8 @@ def test_rotation_table_grows_and_equals_rotate_by():
 
 @pytest.mark.parametrize("method, params", [
     ("selfextend", {"group_size": 4, "window": 64}),
-    ("selfextend", {"target_length": 2000, "grouped_scale": 1.3, "temperature": True, "backend": "reference",
-                    "allow_overflow": True}),
+    ("selfextend", {"target_length": 2000, "grouped_scale": 1.3, "temperature": True, "scale_base": 512,
+                    "backend": "reference", "allow_overflow": True}),
     ("selfextend", {"group_size": 80, "window": 64, "allow_large_group_size": True}),
     ("dca", {"chunk_size": 400, "local_window": 64, "backend": "reference", "vanilla_within_trained": False}),
 ])

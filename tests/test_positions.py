@@ -11,6 +11,7 @@ from selfextend.positions import (
     grouped_query_positions,
     inter_chunk_query_positions,
     intra_chunk_query_positions,
+    log_scale_factor,
     max_reach,
     recommended_group_size,
     smallest_group_size,
@@ -124,6 +125,12 @@ def test_temperature_is_yarn_past_the_trained_length_only():
     assert f[:2].tolist() == [1.0, 1.0]
     expected = 0.1 * torch.log(torch.tensor([65 / 64, 2.0, 16.0])) + 1
     assert torch.allclose(f[2:], expected)
+
+
+def test_log_scale_is_one_up_to_its_base_then_log_ratio():
+    f = log_scale_factor(torch.tensor([0, 62, 63, 127, 4095]), 64)
+    assert f[:3].tolist() == [1.0, 1.0, 1.0]
+    assert torch.allclose(f[3:], torch.tensor([7 / 6, 2.0]))  # ln 128 / ln 64, ln 4096 / ln 64
 
 
 def test_oracle_table_is_the_hand_drawn_one():

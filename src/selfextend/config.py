@@ -86,6 +86,7 @@ class SelfExtendConfig:
     temperature: bool = False  # logits x (0.1 ln s + 1)^2 for queries past L, s = (pos + 1) / L
     allow_large_group_size: bool = False  # group_size past MAX_GROUP_SIZE: untested territory, opt-in
     grouped_scale: float = 1.0  # logits of grouped pairs x this (> 1 sharpens them); not in the paper
+    scale_base: int = 0  # > 0: queries x max(1, ln(pos + 1) / ln(scale_base)), the LongLM code's option
 
     @property
     def max_length(self) -> int:
@@ -97,6 +98,7 @@ class SelfExtendConfig:
             f"reach={self.max_length} tokens, backend={self.backend}"
             + (", temperature" if self.temperature else "")
             + (f", grouped_scale={self.grouped_scale}" if self.grouped_scale != 1 else "")
+            + (f", scale_base={self.scale_base}" if self.scale_base else "")
         )
 
 
@@ -112,6 +114,7 @@ def selfextend_config(model_config, params: Mapping[str, Any],
     temperature = params.get("temperature", False)
     allow_large = params.get("allow_large_group_size", False)
     grouped_scale = params.get("grouped_scale", 1.0)
+    scale_base = params.get("scale_base", 0)
     L = trained_length if trained_length is not None else trained_length_of(model_config)
     check_number("trained_length", L, minimum=2, integer=True)
     check_backend_name(backend, "self-extend")
@@ -149,6 +152,11 @@ def selfextend_config(model_config, params: Mapping[str, Any],
     check_bool("temperature", temperature)
     check_number("grouped_scale", grouped_scale, minimum=0, strict=True,
                  fix="1 is the paper's SelfExtend; values above 1 sharpen the grouped part")
+    check_number("scale_base", scale_base, minimum=0, integer=True,
+                 fix=f"0 is off (the paper); the authors' code uses the trained length, scale_base={L}")
+    if scale_base == 1:
+        raise ValueError(f"scale_base=1 divides by ln 1 = 0; use 0 (off) or the trained length, "
+                         f"scale_base={L}")
     check_bool("allow_overflow", allow_overflow)
     check_bool("allow_large_group_size", allow_large)
     if group_size > MAX_GROUP_SIZE and not allow_large:
@@ -160,7 +168,7 @@ def selfextend_config(model_config, params: Mapping[str, Any],
         )
 
     cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature, allow_large,
-                           float(grouped_scale))
+                           float(grouped_scale), int(scale_base))
     if target_length is not None and target_length > cfg.max_length:
         raise ValueError(
             f"target_length={target_length} exceeds the reach {reach_formula(L, window, group_size)} "

@@ -169,6 +169,22 @@ def query_temperature(query_pos: torch.Tensor, trained_length: int,
     return (t * t).to(dtype)[:, None, :, None] if bool((t > 1).any()) else None
 
 
+def log_scale_factor(pos: torch.Tensor, scale_base: int) -> torch.Tensor:
+    """``max(1, ln(pos + 1) / ln(scale_base))`` (fp32): the LongLM code's optional query scaling
+    (``scale_base``), which the authors used only for their longest passkey runs.
+
+    Logits grow with the log of the position, as attention over ever more keys flattens; with
+    ``scale_base = L`` it is 1 within the trained length."""
+    f = torch.log(pos.to(torch.float64) + 1) / math.log(scale_base)
+    return f.clamp(min=1).to(torch.float32)
+
+
+def query_log_scale(query_pos: torch.Tensor, scale_base: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ``(B, 1, q_len, 1)`` factor that multiplies each query row, or None when every factor is 1."""
+    f = log_scale_factor(query_pos, scale_base)
+    return f.to(dtype)[:, None, :, None] if bool((f > 1).any()) else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pure math of Dual Chunk Attention (DCA, An et al. 2024, arXiv 2402.17463; ChunkLlama, Qwen2.5-1M).
 #

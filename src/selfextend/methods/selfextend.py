@@ -35,6 +35,8 @@ class SelfExtend(AttentionMethod):
               "(as DCA/YaRN; not in the paper)"),
         Param("grouped_scale", float, 1.0, "logits of grouped pairs (distance >= W) x this: > 1 sharpens "
               "the grouped part only (not in the paper)"),
+        Param("scale_base", int, 0, "> 0: queries x max(1, ln(pos + 1) / ln(scale_base)), the log scaling "
+              "of the authors' code (their longest passkey runs; use L); 0: off"),
     )
     config_class = SelfExtendConfig
     integration = SELFEXTEND

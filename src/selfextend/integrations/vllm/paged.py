@@ -30,6 +30,7 @@ from ...positions import (
     grouped_query_positions,
     inter_chunk_query_positions,
     intra_chunk_query_positions,
+    query_log_scale,
     query_temperature,
     successive_chunk_query_positions,
 )
@@ -95,11 +96,14 @@ class PagedMethod:
         raise NotImplementedError
 
     def temperature(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-        """Query rows past L scaled by the optional temperature (both methods share it)."""
-        if not self.config.temperature:
-            return query
-        factor = query_temperature(query_pos[None], self.config.trained_length, query.dtype)
-        return query if factor is None else query * factor[0, 0, :, :, None]
+        """Query rows scaled by the optional temperature (both methods) and SelfExtend's log scaling."""
+        scale_base = getattr(self.config, "scale_base", 0)
+        for factor in (query_temperature(query_pos[None], self.config.trained_length, query.dtype)
+                       if self.config.temperature else None,
+                       query_log_scale(query_pos[None], scale_base, query.dtype) if scale_base else None):
+            if factor is not None:
+                query = query * factor[0, 0, :, :, None]
+        return query
 
 
 class PagedSelfExtend(PagedMethod):
