@@ -100,6 +100,11 @@ step_grouped_scale() {  # the sharper grouped softmax at 16k (filler, prose) and
     --samples 2 --out $T
   $SE eval ppl "${C[@]}" --methods self-extend:grouped_scale=1.3 --lengths 32k --corpus pydoc --out docs/results/ppl
 }
+step_scale_base() {  # the log scaling of the authors' code (base L) on the rule's 32k samples (paired), and its
+  # perplexity cost
+  $SE eval passkey "${C[@]}" --methods self-extend:scale_base=8192 --lengths 32k --depths $D5 --out $P
+  $SE eval ppl "${C[@]}" --methods self-extend:scale_base=8192 --lengths 32k --corpus pydoc --out docs/results/ppl
+}
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
   # (pydoc: the rows of step_ppl in docs/results/ppl, grouped_scale there by step_grouped_scale)
