@@ -105,6 +105,12 @@ step_scale_base() {  # the log scaling of the authors' code (base L) on the rule
   $SE eval passkey "${C[@]}" --methods self-extend:scale_base=8192 --lengths 32k --depths $D5 --out $P
   $SE eval ppl "${C[@]}" --methods self-extend:scale_base=8192 --lengths 32k --corpus pydoc --out docs/results/ppl
 }
+step_grouped_scale_values() {  # milder grouped_scale values: perplexity first (cheap), then retrieval at 32k
+  $SE eval ppl "${C[@]}" --methods self-extend:grouped_scale=1.1,self-extend:grouped_scale=1.15 --lengths 32k \
+    --corpus pydoc --out docs/results/ppl
+  $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.15,self-extend:grouped_scale=1.1 --lengths 32k \
+    --depths $D5 --out $P
+}
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
   # (pydoc: the rows of step_ppl in docs/results/ppl, grouped_scale there by step_grouped_scale)
