@@ -311,6 +311,25 @@ def test_rows_carry_hashes_of_their_prompt_and_settings(model, tokenizer, tmp_pa
     assert rows[0]["settings_sha"] != rows[1]["settings_sha"] and len(rows[0]["settings_sha"]) == 16
 
 
+def test_a_label_that_resolves_differently_now_is_refused_not_pooled(model, tokenizer, tmp_path):
+    """``self-extend`` resolves per length (the rule, or tuned settings saved later): rows made with other
+    resolved parameters are never pooled with new ones under the same label."""
+    config = EvalConfig("passkey", [parse_method("self-extend")], [2400], [0.5], 1, 0)
+    run_eval(model, tokenizer, config, tmp_path, progress=False)
+    path = tmp_path / "samples_passkey.jsonl"
+    [row] = [json.loads(line) for line in path.read_text().splitlines()]
+    row["params"]["group_size"] += 1  # as if the rule (or a tuned file) had picked another G for that run
+    path.write_text(json.dumps(row) + "\n")
+    more = EvalConfig("passkey", [parse_method("self-extend")], [2400], [0.5, 0.9], 1, 0)
+    g = row["params"]["group_size"]
+    with pytest.raises(ValueError, match=f"group_size={g}; this run resolves group_size={g - 1}.*"
+                                         f"self-extend:group_size={g}"):
+        run_eval(model, tokenizer, more, tmp_path, progress=False)
+    assert path.read_text() == json.dumps(row) + "\n"  # nothing added
+    other = EvalConfig("passkey", [parse_method("self-extend")], [1200], [0.5], 1, 0)  # another cell: fine
+    assert len(run_eval(model, tokenizer, other, tmp_path, progress=False)) == 2
+
+
 def test_sample_writer_follows_a_replaced_file(tmp_path):
     """A results file replaced under a running eval (git checkout / stash of the results directory) still
     receives every later row, each on its own line."""

@@ -187,6 +187,7 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
         _barrier()
         return rows
     with lock(out, config.task + part):
+        check_same_settings(out, config, resolved)
         record_run(out, config)
         remove_corrupt_lines(path)
         _barrier()
@@ -302,6 +303,30 @@ def identity_differences(recorded: dict[str, Any], identity: dict[str, Any]) -> 
     """The identity fields in which ``recorded`` and ``identity`` differ (an unknown model size matches)."""
     return [k for k in IDENTITY if k in recorded and recorded[k] != identity[k]
             and not (k == "model_bytes" and 0 in (recorded[k], identity[k]))]
+
+
+def check_same_settings(out: Path, config: EvalConfig, resolved: dict) -> None:
+    """Refuse to add rows to a cell (method label, length) whose rows were made with other resolved
+    parameters.
+
+    A label such as ``self-extend`` resolves per model and length (the authors' rule, or settings ``tune``
+    saved since): if it resolves differently now, new rows would pool two settings into one number."""
+    for samples in task_files(out, SAMPLES_FILE, config.task):
+        for row in read_rows(samples)[0]:
+            key = (row.get("method"), int(row.get("length", -1)))
+            if key not in resolved:
+                continue
+            was, now = row.get("params") or {}, json_safe(resolved[key])
+            differ = sorted(k for k in set(was) & set(now) if was[k] != now[k])
+            if differ:
+                label, length = key
+                explicit = label.split(":")[0] + "".join(f":{k}={was[k]}" for k in differ)
+                raise ValueError(
+                    f"{samples} holds {label} rows at {length} tokens made with "
+                    + ", ".join(f"{k}={was[k]!r}" for k in differ) + "; this run resolves "
+                    + ", ".join(f"{k}={now[k]!r}" for k in differ) + ". Results made with other settings "
+                    f"are never pooled: ask for those explicitly ({explicit}), use another --out, or "
+                    "delete those rows.")
 
 
 def record_run(out: Path, config: EvalConfig) -> None:
