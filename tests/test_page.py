@@ -55,7 +55,7 @@ def test_page_blocks_are_rerendered_and_checked(tmp_path, capsys):
 @pytest.mark.parametrize("marker, message", [
     ("res --only tabel", "parts are table, buckets"),
     ("res --compare a", "give two different method labels"),
-    ("nowhere", "results directory"),
+    ("nowhere", "not a directory of results"),
 ])
 def test_bad_page_markers_are_named(tmp_path, marker, message):
     write_samples(tmp_path / "res", {"a": [1.0]})

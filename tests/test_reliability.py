@@ -78,6 +78,8 @@ CASES = [  # argv (with {d} for the files folder), what the one error line must 
     (["tune", "--target-length", "16k"], "--target-length"),
     (["tune", "--target-length", "16384", "--budget-minutes", "inf"], "--budget-minutes"),
     (["report", "{d}/nowhere"], "not a directory of results"),
+    (["report", "{d}", "--only", "tabel"], "argument --only: 'tabel': parts are table, buckets"),
+    (["page", "{d}/nowhere.md"], "nowhere.md: no such file"),
     (["serve", "--port", "99999"], "--port"),
     (["serve", "--method", "yarn", "-G", "4"], "--method"),
     (["serve", "--cache-mb", "-1"], "--cache-mb"),
@@ -114,7 +116,7 @@ def test_file_dash_reads_stdin(monkeypatch, capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("info", "ask", "demo", "methods", "eval", "report", "tune", "serve"):
+    for command in ("info", "ask", "demo", "methods", "eval", "report", "page", "tune", "serve"):
         assert cli.main([command, "--help"]) == 0
         assert "usage: selfextend " + command in capsys.readouterr().out
 

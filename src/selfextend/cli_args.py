@@ -152,24 +152,18 @@ def task_name(text: str) -> str:
     return text
 
 
-def results_dir(name: str) -> Path:
-    path = Path(name)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{name} is not a directory of results (the --out of an eval)")
-    return path
-
-
 def existing_file(name: str) -> Path:
-    path = Path(name)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{name}: no such file")
-    return path
+    return _existing(name, Path.is_file, "file")
 
 
 def directory(name: str) -> Path:
+    return _existing(name, Path.is_dir, "directory")
+
+
+def _existing(name: str, test, what: str) -> Path:
     path = Path(name)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{name}: no such directory")
+    if not test(path):
+        raise argparse.ArgumentTypeError(f"{name}: no such {what}")
     return path
 
 

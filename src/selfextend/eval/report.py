@@ -389,17 +389,23 @@ def task_rows(out: Path, task: str) -> list[dict[str, Any]]:
 PARTS = ("table", "buckets", "vs-sliding", "compare")
 
 
+def task_names(out: Path, tasks: list[str] | None) -> list[str]:
+    """``tasks``, or every task with a samples file in ``out``."""
+    if not out.is_dir():
+        raise ValueError(f"{out} is not a directory of results (the --out of an eval)")
+    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
+    if not names:
+        raise ValueError(f"no samples_*.jsonl files in {out}")
+    return names
+
+
 def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str, str] | None = None,
            parts: list[str] | None = None, summaries: dict[str, dict[str, Any]] | None = None) -> str:
     """The markdown ``selfextend report`` prints: per task the methods x lengths table, the perplexity
     buckets and the ratio to the sliding baseline per length, and the paired comparison when ``pair`` is
     given; ``parts`` keeps only some of them (``PARTS``). Reads the samples files, writes nothing."""
     out = Path(out_dir)
-    if not out.is_dir():
-        raise ValueError(f"results directory {out} does not exist")
-    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
-    if not names:
-        raise ValueError(f"no samples_*.jsonl files in {out}")
+    names = task_names(out, tasks)
     bad = sorted(set(parts or ()) - set(PARTS))
     if bad:
         raise ValueError(f"unknown report part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
@@ -427,11 +433,7 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
            pair: tuple[str, str] | None = None, parts: list[str] | None = None) -> str:
     """Re-render results files, markdown tables and plots from every samples file in ``out_dir``."""
     out = Path(out_dir)
-    if not out.is_dir():
-        raise ValueError(f"results directory {out} does not exist")
-    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
-    if not names:
-        raise ValueError(f"no samples_*.jsonl files in {out}")
+    names = task_names(out, tasks)
     summaries = {}
     for task in names:
         summaries[task] = write_results(out, task)
