@@ -123,3 +123,4 @@ step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against re
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(passkey ppl dca_long ruler passkey_long tune temperature ruler_more)
 for s in "${steps[@]}"; do "step_$s"; done
+$SE page docs/results.md  # the page's table blocks, re-rendered from the samples the steps added
