@@ -243,6 +243,23 @@ def test_self_extend_log_scale_acts_past_its_base_and_is_the_softmax_scale_times
     assert (logits(one, x)[:, -1] - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("group_size", [4, 1])
+def test_log_scale_below_the_window_does_not_depend_on_later_tokens(group_size):
+    """A base below the window (or G = 1) scales rows that the all-neighbor (vanilla) shortcut would leave
+    alone: a row's output must not depend on how many tokens follow it, and decode equals one pass."""
+    model = build_model("llama")
+    selfextend.apply(model, group_size=group_size, window=48, scale_base=8, allow_overflow=True)
+    x = ids(60)
+    full = logits(model, x)
+    assert (logits(model, x[:, :40]) - full[:, :40]).abs().max() < 1e-4  # 40 tokens: all within W
+    cache = output_cache(model(x[:, :30], use_cache=True))
+    steps = [model(x[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
+             for t in range(30, 60)]
+    assert (torch.cat(steps, 1) - full[:, 30:]).abs().max() < 1e-4
+    selfextend.apply(model, group_size=group_size, window=48, allow_overflow=True)
+    assert (logits(model, x)[:, 20:] - full[:, 20:]).abs().max() > 1e-3  # the scaling did act
+
+
 def test_self_extend_temperature_is_the_softmax_scale_times_t_squared():
     model = build_model("llama", num_hidden_layers=1)  # one layer: the keys do not depend on the temperature
     x = ids()

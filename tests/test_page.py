@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from selfextend.cli import main
-from selfextend.eval.page import refresh
+from selfextend.eval.page import blocks, refresh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,8 @@ def test_page_blocks_are_rerendered_and_checked(tmp_path, capsys):
 @pytest.mark.parametrize("marker, message", [
     ("res --only tabel", "parts are table, buckets"),
     ("res --compare a", "give two different method labels"),
-    ("nowhere", "not a directory of results"),
+    ("res --only compare", "--only compare needs --compare A,B"),
+    ("nowhere", "marker 'selfextend report nowhere': .*not a directory of results"),
 ])
 def test_bad_page_markers_are_named(tmp_path, marker, message):
     write_samples(tmp_path / "res", {"a": [1.0]})
@@ -65,8 +66,28 @@ def test_bad_page_markers_are_named(tmp_path, marker, message):
         refresh(page, tmp_path, check=True)
 
 
+OPEN, CLOSE = "<!-- selfextend report res -->", "<!-- /report -->"
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"{OPEN}\n| old |\nprose a loose match would eat\n{OPEN}\n{CLOSE}\n",
+     "line 4: a report marker inside the block opened on line 1"),
+    (f"text\n{OPEN}\n| old |\n", "line 2: the report marker is never closed"),
+    (f"{CLOSE}\n", "line 1: <!-- /report --> without a report marker"),
+    (f"{OPEN} \n{CLOSE}\n", "line 1: a report marker must be the whole line"),
+])
+def test_broken_blocks_are_refused_not_rewritten(tmp_path, text, message):
+    write_samples(tmp_path / "res", {"a": [1.0]})
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    for check in (True, False):
+        with pytest.raises(ValueError, match=message):
+            refresh(page, tmp_path, check=check)
+    assert page.read_text() == text
+
+
 def test_results_page_matches_the_committed_samples():
     """Every table block of docs/results.md equals `selfextend report` of the files in docs/results/."""
     page = ROOT / "docs" / "results.md"
-    assert "<!-- selfextend report " in page.read_text()
+    assert len(blocks(page.read_text())) >= 10  # the page's tables sit in blocks (a check of none passes)
     assert refresh(page, ROOT, check=True) == [], "run `selfextend page docs/results.md` and commit it"

@@ -3,6 +3,7 @@ the independent fp64 oracle and against the vLLM plugin's gather path (``integra
 varlen batch (a prefill, a chunk, a decode step) whose K/V sit in a scrambled paged cache."""
 
 import importlib.util
+import math
 import os
 
 import pytest
@@ -66,10 +67,14 @@ def gather_path(method, query, key_cache, value_cache, table, seq_lens, starts):
     return torch.cat(outs)
 
 
-def oracle_rows(q, k, v, n, q_len, group_size, window, scale=1.0):
-    """The fp64 oracle's output for one request's last ``q_len`` queries, as (q_len, H, D)."""
+def oracle_rows(q, k, v, n, q_len, group_size, window, scale=1.0, base=0):
+    """The fp64 oracle's output for one request's last ``q_len`` queries, as (q_len, H, D); ``base``: the
+    log scaling of the query rows, by hand."""
     pos = torch.arange(n)[None]
-    out = selfextend_attention_ref(q[:, :, n - q_len :], k, v, pos[:, n - q_len :], pos, window, group_size,
+    query = q[:, :, n - q_len :].double()
+    if base:
+        query = query * (torch.log(pos[0, n - q_len :].double() + 1) / math.log(base)).clamp(min=1)[:, None]
+    out = selfextend_attention_ref(query, k, v, pos[:, n - q_len :], pos, window, group_size,
                                    INV_FREQ, D ** -0.5, grouped_scale=scale)
     return out[0].transpose(0, 1)
 
@@ -77,17 +82,19 @@ def oracle_rows(q, k, v, n, q_len, group_size, window, scale=1.0):
 BATCH = ([150, 90, 61], [150, 1, 23])  # a prefill, a decode step, a chunk after 38 cached tokens
 
 
-@pytest.mark.parametrize("group_size,window,scale", [(4, 16, 1.0), (3, 40, 1.0), (2, 200, 1.0), (4, 16, 1.7)])
+@pytest.mark.parametrize("group_size,window,scale,base", [(4, 16, 1.0, 0), (3, 40, 1.0, 0), (2, 200, 1.0, 0),
+                                                           (4, 16, 1.7, 0), (4, 16, 1.0, 40)])
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 32)])  # key tiles within one page / across two
-def test_paged_kernel_equals_oracle(group_size, window, scale, tiles):
-    """Past the window, every pair a neighbor (W = 200), and a sharper grouped part (``grouped_scale``)."""
+def test_paged_kernel_equals_oracle(group_size, window, scale, base, tiles):
+    """Past the window, every pair a neighbor (W = 200), a sharper grouped part (``grouped_scale``) and the
+    authors' log scaling of the query rows (``scale_base``)."""
     requests, query, kc, vc, table, seq_lens, starts = paged_batch(*BATCH)
     method = PagedSelfExtend(SelfExtendConfig(group_size, window, 64, backend="reference",
-                                              grouped_scale=scale), INV_FREQ)
+                                              grouped_scale=scale, scale_base=base), INV_FREQ)
     out = run_kernel(method, query, kc, vc, table, seq_lens, starts, block_m=tiles[0], block_n=tiles[1])
     for r, (q, k, v, _) in enumerate(requests):
         n, q_len = int(seq_lens[r]), int(starts[r + 1] - starts[r])
-        want = oracle_rows(q, k, v, n, q_len, group_size, window, scale)
+        want = oracle_rows(q, k, v, n, q_len, group_size, window, scale, base)
         torch.testing.assert_close(out[starts[r] : starts[r + 1]].to(want.dtype), want, atol=2e-5, rtol=1e-4)
 
 

@@ -20,7 +20,8 @@ import re
 import shlex
 from pathlib import Path
 
-MARKER = re.compile(r"<!-- selfextend report (?P<args>[^\n]*?) -->\n(?P<body>.*?)<!-- /report -->", re.S)
+OPENER = re.compile(r"<!-- selfextend report (?P<args>.*\S) -->")
+CLOSER = "<!-- /report -->"
 
 
 def report_parts(text: str) -> list[str]:
@@ -66,9 +67,39 @@ def render_block(args: str, root: Path) -> str:
 
     try:
         ns = _marker_parser().parse_args(shlex.split(args))
+        if ns.only and "compare" in ns.only and ns.compare is None:
+            raise ValueError("--only compare needs --compare A,B")
+        return render(root / ns.dir, ns.task, ns.compare, ns.only).rstrip("\n") + "\n"
     except ValueError as err:
         raise ValueError(f"page marker 'selfextend report {args}': {err}") from None
-    return render(root / ns.dir, ns.task, ns.compare, ns.only).rstrip("\n") + "\n"
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """``(args, body)`` of every block, in order; a marker that is malformed, unclosed, nested or a closing
+    tag without an opening one is an error naming its line (a loose match would eat the text between two
+    blocks)."""
+    found: list[tuple[str, str]] = []
+    args, body, opened_at = None, [], 0
+    for number, line in enumerate(text.split("\n"), 1):
+        opener = OPENER.fullmatch(line)
+        if line.startswith("<!-- selfextend report") and not opener:
+            raise ValueError(f"line {number}: a report marker must be the whole line "
+                             f"'<!-- selfextend report DIR [flags] -->', got {line!r}")
+        if opener and args is not None:
+            raise ValueError(f"line {number}: a report marker inside the block opened on line {opened_at}; "
+                             f"close that one with {CLOSER} first")
+        if opener:
+            args, body, opened_at = opener["args"], [], number
+        elif line == CLOSER:
+            if args is None:
+                raise ValueError(f"line {number}: {CLOSER} without a report marker before it")
+            found.append((args, "".join(f"{b}\n" for b in body)))
+            args = None
+        elif args is not None:
+            body.append(line)
+    if args is not None:
+        raise ValueError(f"line {opened_at}: the report marker is never closed; add {CLOSER} after its table")
+    return found
 
 
 def refresh(page: str | Path, root: str | Path = ".", check: bool = False) -> list[str]:
@@ -77,14 +108,15 @@ def refresh(page: str | Path, root: str | Path = ".", check: bool = False) -> li
     path, base = Path(page), Path(root)
     text = path.read_text(encoding="utf-8")
     stale: list[str] = []
-
-    def fill(match: re.Match) -> str:
-        body = render_block(match["args"], base)
-        if body != match["body"]:
-            stale.append(f"selfextend report {match['args']}")
-        return f"<!-- selfextend report {match['args']} -->\n{body}<!-- /report -->"
-
-    new = MARKER.sub(fill, text)
+    out: list[str] = []
+    rest = text
+    for args, body in blocks(text):
+        head = f"<!-- selfextend report {args} -->\n"
+        before, _, rest = rest.partition(head + body + CLOSER)
+        new = render_block(args, base)
+        if new != body:
+            stale.append(f"selfextend report {args}")
+        out.append(before + head + new + CLOSER)
     if stale and not check:
-        path.write_text(new, encoding="utf-8")
+        path.write_text("".join(out) + rest, encoding="utf-8")
     return stale

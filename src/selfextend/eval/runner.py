@@ -310,23 +310,26 @@ def check_same_settings(out: Path, config: EvalConfig, resolved: dict) -> None:
     parameters.
 
     A label such as ``self-extend`` resolves per model and length (the authors' rule, or settings ``tune``
-    saved since): if it resolves differently now, new rows would pool two settings into one number."""
-    for samples in task_files(out, SAMPLES_FILE, config.task):
-        for row in read_rows(samples)[0]:
-            key = (row.get("method"), int(row.get("length", -1)))
-            if key not in resolved:
-                continue
-            was, now = row.get("params") or {}, json_safe(resolved[key])
-            differ = sorted(k for k in set(was) & set(now) if was[k] != now[k])
-            if differ:
-                label, length = key
-                explicit = label.split(":")[0] + "".join(f":{k}={was[k]}" for k in differ)
-                raise ValueError(
-                    f"{samples} holds {label} rows at {length} tokens made with "
-                    + ", ".join(f"{k}={was[k]!r}" for k in differ) + "; this run resolves "
-                    + ", ".join(f"{k}={now[k]!r}" for k in differ) + ". Results made with other settings "
-                    f"are never pooled: ask for those explicitly ({explicit}), use another --out, or "
-                    "delete those rows.")
+    saved since): if it resolves differently now, new rows would pool two settings into one number. Cells this
+    run adds nothing to are not checked (a finished cell stays valid for what made it)."""
+    rows = [row for samples in task_files(out, SAMPLES_FILE, config.task) for row in read_rows(samples)[0]]
+    done = latest_rows(rows)
+    adding = {(cell[1].label, cell[0]) for cell in plan(config) if _key(config, cell) not in done}
+    for row in rows:
+        key = (row.get("method"), int(row.get("length", -1)))
+        if key not in adding:
+            continue
+        was, now = row.get("params") or {}, json_safe(resolved[key])
+        differ = sorted(k for k in set(was) & set(now) if was[k] != now[k])
+        if differ:
+            label, length = key
+            explicit = label + "".join(f":{k}={was[k]}" for k in differ)
+            raise ValueError(
+                f"{out} holds {label} rows at {length} tokens made with "
+                + ", ".join(f"{k}={was[k]!r}" for k in differ) + "; this run resolves "
+                + ", ".join(f"{k}={now[k]!r}" for k in differ) + ". Results made with other settings are "
+                f"never pooled: ask for those explicitly ({explicit}), use another --out, or delete those "
+                "rows.")
 
 
 def record_run(out: Path, config: EvalConfig) -> None:

@@ -45,7 +45,10 @@ class SelfExtendAttention(AttentionIntegration):
         cfg: SelfExtendConfig = call.config
         keeper: GroupedCache = call.layer.model_state.extra
         layer_idx, key = call.layer.layer_idx, call.key
-        if call.max_pos < cfg.window or cfg.group_size == 1:  # every key is a neighbor / G = 1: vanilla
+        # every key a neighbor, or G = 1: vanilla, unless a query row must be scaled (temperature, log scale)
+        scaled = bool((cfg.temperature and call.max_pos >= cfg.trained_length)
+                      or (cfg.scale_base and call.max_pos + 1 > cfg.scale_base))
+        if (call.max_pos < cfg.window or cfg.group_size == 1) and not scaled:
             if keeper.holds(layer_idx, key):  # a cache grouped earlier (then cropped, or G changed)
                 keeper.ungroup(layer_idx, key, call.key_positions()[1], call.q_start, 0, call.rotate)
             return None
