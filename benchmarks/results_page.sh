@@ -110,6 +110,10 @@ step_grouped_scale_values() {  # milder grouped_scale values: perplexity first (
     --corpus pydoc --out docs/results/ppl
   $SE eval passkey "${C[@]}" --methods self-extend:grouped_scale=1.15,self-extend:grouped_scale=1.1 --lengths 32k \
     --depths $D5 --out $P
+  for corpus in stdlib essays; do
+    $SE eval ppl "${C[@]}" --methods self-extend:grouped_scale=1.15,self-extend:grouped_scale=1.1 --lengths 32k \
+      --corpus $corpus --out docs/results/ppl_$corpus
+  done
 }
 step_trust_ppl() {  # SelfExtend's perplexity past L on three corpora against reading with the trained window
   # (truncate is scored sliding: windows of its keep = L - 64 tokens every keep/2, every token scored once)
