@@ -79,6 +79,7 @@ CASES = [  # argv (with {d} for the files folder), what the one error line must 
     (["tune", "--target-length", "16384", "--budget-minutes", "inf"], "--budget-minutes"),
     (["report", "{d}/nowhere"], "not a directory of results"),
     (["report", "{d}", "--only", "tabel"], "argument --only: 'tabel': parts are table, buckets"),
+    (["report", "{d}", "--only", "compare"], "--only compare needs --compare A,B"),
     (["page", "{d}/nowhere.md"], "nowhere.md: no such file"),
     (["serve", "--port", "99999"], "--port"),
     (["serve", "--method", "yarn", "-G", "4"], "--method"),

@@ -389,6 +389,14 @@ def task_rows(out: Path, task: str) -> list[dict[str, Any]]:
 PARTS = ("table", "buckets", "vs-sliding", "compare")
 
 
+def check_parts(parts: list[str] | None, pair: tuple[str, str] | None) -> None:
+    bad = sorted(set(parts or ()) - set(PARTS))
+    if bad:
+        raise ValueError(f"unknown report part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    if parts and "compare" in parts and pair is None:
+        raise ValueError("--only compare needs --compare A,B (two method labels)")
+
+
 def task_names(out: Path, tasks: list[str] | None) -> list[str]:
     """``tasks``, or every task with a samples file in ``out``."""
     if not out.is_dir():
@@ -404,11 +412,9 @@ def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str,
     """The markdown ``selfextend report`` prints: per task the methods x lengths table, the perplexity
     buckets and the ratio to the sliding baseline per length, and the paired comparison when ``pair`` is
     given; ``parts`` keeps only some of them (``PARTS``). Reads the samples files, writes nothing."""
+    check_parts(parts, pair)
     out = Path(out_dir)
     names = task_names(out, tasks)
-    bad = sorted(set(parts or ()) - set(PARTS))
-    if bad:
-        raise ValueError(f"unknown report part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
     keep = set(parts or PARTS)
     texts = []
     for task in names:
@@ -432,6 +438,7 @@ def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str,
 def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = True,
            pair: tuple[str, str] | None = None, parts: list[str] | None = None) -> str:
     """Re-render results files, markdown tables and plots from every samples file in ``out_dir``."""
+    check_parts(parts, pair)
     out = Path(out_dir)
     names = task_names(out, tasks)
     summaries = {}
