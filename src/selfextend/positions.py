@@ -3,7 +3,8 @@
 Three parts, each a handful of small functions:
 
 * shared: where every key sits, rebuilt from the ``position_ids`` the model rotated with and the padding
-  mask (``absolute_key_positions``, ``padding_spans``), and the YaRN/Qwen query temperature;
+  mask (``absolute_key_positions``, ``padding_spans``), and the per-row query scaling (the YaRN/Qwen
+  temperature, the log scaling of the SelfExtend authors' code);
 * SelfExtend (Jin et al. 2024, arXiv 2401.01325, Eq. 1-4), below;
 * Dual Chunk Attention (DCA; An et al. 2024, arXiv 2402.17463), in the last section.
 
@@ -160,15 +161,6 @@ def temperature_factor(pos: torch.Tensor, trained_length: int) -> torch.Tensor:
     return torch.where(s > 1, 0.1 * torch.log(s) + 1, torch.ones_like(s)).to(torch.float32)
 
 
-def query_temperature(query_pos: torch.Tensor, trained_length: int,
-                      dtype: torch.dtype) -> torch.Tensor | None:
-    """The ``(B, 1, q_len, 1)`` factor ``t^2`` that multiplies each query row, or None when every ``t`` is 1.
-
-    Scaling the query (not the logits) lets every backend and every attention part of that row share it."""
-    t = temperature_factor(query_pos, trained_length)
-    return (t * t).to(dtype)[:, None, :, None] if bool((t > 1).any()) else None
-
-
 def log_scale_factor(pos: torch.Tensor, scale_base: int) -> torch.Tensor:
     """``max(1, ln(pos + 1) / ln(scale_base))`` (fp32): the LongLM code's optional query scaling
     (``scale_base``), which the authors used only for their longest passkey runs.
@@ -179,9 +171,19 @@ def log_scale_factor(pos: torch.Tensor, scale_base: int) -> torch.Tensor:
     return f.clamp(min=1).to(torch.float32)
 
 
-def query_log_scale(query_pos: torch.Tensor, scale_base: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """The ``(B, 1, q_len, 1)`` factor that multiplies each query row, or None when every factor is 1."""
-    f = log_scale_factor(query_pos, scale_base)
+def query_scale(query_pos: torch.Tensor, trained_length: int, dtype: torch.dtype, *,
+                temperature: bool = False, scale_base: int = 0) -> torch.Tensor | None:
+    """The ``(B, 1, q_len, 1)`` factor that multiplies each query row: YaRN's ``t^2`` (``temperature``) times
+    the log scaling (``scale_base``), or None when it is 1 for every row.
+
+    Scaling the query (not the logits) lets every backend and every attention part of that row share it."""
+    if not temperature and not scale_base:
+        return None
+    f = torch.ones(query_pos.shape, dtype=torch.float32, device=query_pos.device)
+    if temperature:
+        f = f * temperature_factor(query_pos, trained_length) ** 2
+    if scale_base:
+        f = f * log_scale_factor(query_pos, scale_base)
     return f.to(dtype)[:, None, :, None] if bool((f > 1).any()) else None
 
 

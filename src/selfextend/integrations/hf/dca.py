@@ -16,7 +16,7 @@ from ...positions import (
     chunk_key_positions,
     inter_chunk_query_positions,
     intra_chunk_query_positions,
-    query_temperature,
+    query_scale,
     successive_chunk_query_positions,
 )
 from .attention import LAYER_ATTR, AttentionCall, AttentionIntegration, ModelState
@@ -42,7 +42,7 @@ class DCAAttention(AttentionIntegration):
         key_valid, key_pos = call.key_positions()
         cs, cl = cfg.chunk_size, cfg.chunk_len
         query, query_pos = call.query, call.query_pos
-        factor = query_temperature(query_pos, cfg.trained_length, query.dtype) if cfg.temperature else None
+        factor = query_scale(query_pos, cfg.trained_length, query.dtype, temperature=cfg.temperature)
 
         def to(positions: torch.Tensor) -> torch.Tensor:  # logits x t^2
             rotated = call.rotate(query, positions - query_pos, shared=False)

@@ -17,8 +17,7 @@ from ...config import SelfExtendConfig
 from ...positions import (
     grouped_query_positions,
     padding_spans,
-    query_log_scale,
-    query_temperature,
+    query_scale,
     reach_formula,
     smallest_group_size,
 )
@@ -58,11 +57,10 @@ class SelfExtendAttention(AttentionIntegration):
         key_valid, key_pos = call.key_positions()
         G, W = cfg.group_size, cfg.window
         query, query_pos, written = call.query, call.query_pos, call.written
-        warm = query_temperature(query_pos, cfg.trained_length, query.dtype) if cfg.temperature else None
-        log_scale = query_log_scale(query_pos, cfg.scale_base, query.dtype) if cfg.scale_base else None
-        for factor in (warm, log_scale):
-            if factor is not None:  # per query row, so neighbor and grouped logits of that row grow alike
-                query = query * factor
+        factor = query_scale(query_pos, cfg.trained_length, query.dtype, temperature=cfg.temperature,
+                             scale_base=cfg.scale_base)
+        if factor is not None:  # per query row, so neighbor and grouped logits of that row grow alike
+            query = query * factor
         query_delta = call.per_forward(("query_delta", *query_pos.shape, call.kv_len, query.device, G, W),
                                        lambda: grouped_query_positions(query_pos, G, W) - query_pos)
         grouped_query = call.rotate(query, query_delta)

@@ -30,8 +30,7 @@ from ...positions import (
     grouped_query_positions,
     inter_chunk_query_positions,
     intra_chunk_query_positions,
-    query_log_scale,
-    query_temperature,
+    query_scale,
     successive_chunk_query_positions,
 )
 from ...rope import rotate_with, rotation_table
@@ -95,15 +94,12 @@ class PagedMethod:
     def inputs(self, query, key, query_pos, key_pos, common):
         raise NotImplementedError
 
-    def temperature(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-        """Query rows scaled by the optional temperature (both methods) and SelfExtend's log scaling."""
-        scale_base = getattr(self.config, "scale_base", 0)
-        for factor in (query_temperature(query_pos[None], self.config.trained_length, query.dtype)
-                       if self.config.temperature else None,
-                       query_log_scale(query_pos[None], scale_base, query.dtype) if scale_base else None):
-            if factor is not None:
-                query = query * factor[0, 0, :, :, None]
-        return query
+    def scaled_queries(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """Query rows x the optional temperature (both methods) and SelfExtend's log scaling."""
+        cfg = self.config
+        factor = query_scale(query_pos[None], cfg.trained_length, query.dtype, temperature=cfg.temperature,
+                             scale_base=getattr(cfg, "scale_base", 0))
+        return query if factor is None else query * factor[0, 0, :, :, None]
 
 
 class PagedSelfExtend(PagedMethod):
@@ -116,7 +112,7 @@ class PagedSelfExtend(PagedMethod):
         self.queries = RotationTable(lambda p: grouped_query_positions(p, G, W) - p, inv_freq)
 
     def inputs(self, query, key, query_pos, key_pos, common):
-        query = self.temperature(query, query_pos)
+        query = self.scaled_queries(query, query_pos)
         if int(query_pos[-1]) < self.config.window or self.config.group_size == 1:
             grouped_query, grouped_key = query, key  # every pair is a neighbor: grouped ones are never read
         else:
@@ -148,12 +144,12 @@ class PagedSelfExtend(PagedMethod):
         """A whole varlen batch in one launch of the paged Triton kernel, keys read through the block table
         (no gather, no grouped key copy). ``query`` (T, H, D) packed; the caches ``(num_blocks, Hkv, PAGE,
         D)`` with any strides but the last; the rest as vLLM's metadata; ``launch``: tile overrides (tests).
-        Nothing here waits for the device (the optional temperature aside)."""
+        Nothing here waits for the device (the optional query scaling aside)."""
         from ...backends import triton_paged
 
         seq_lens = seq_lens[: query_start_loc.shape[0] - 1]  # an engine may pad its per-request arrays
         pos = token_positions(query_start_loc, seq_lens, query.shape[0])
-        query = self.temperature(query, pos)
+        query = self.scaled_queries(query, pos)
         grouped = self.queries.rotate(query, pos, self.layout, need=max_seq_len) * self.config.grouped_scale
         key_cos, key_sin = self.keys.table(max_seq_len, query.device)
         return triton_paged.paged_selfextend_attention(
@@ -179,7 +175,7 @@ class PagedDCA(PagedMethod):
             chunk_key, intra, succ, inter = key, query, query, query
         else:
             chunk_key = self.keys.rotate(key, key_pos, self.layout)
-            intra, succ, inter = (self.temperature(table.rotate(query, query_pos, self.layout), query_pos)
+            intra, succ, inter = (self.scaled_queries(table.rotate(query, query_pos, self.layout), query_pos)
                                   for table in (self.intra, self.succ, self.inter))
         return DCAInputs(query=_heads_first(query), key=_heads_first(key), chunk_key=_heads_first(chunk_key),
                          query_intra=_heads_first(intra), query_succ=_heads_first(succ),
