@@ -20,6 +20,7 @@ from .results import (
     read_rows,
     task_files,
     task_of,
+    task_rows,
     write_json_atomic,
 )
 
@@ -379,11 +380,6 @@ def plot(out_dir: str | Path, task: str, summary: dict[str, Any]) -> list[Path]:
             plt.close(fig)
             written.append(path)
     return written
-
-
-def task_rows(out: Path, task: str) -> list[dict[str, Any]]:
-    """Every row of ``task`` in ``out``: the unsharded samples file and every shard's."""
-    return [row for path in task_files(out, SAMPLES_FILE, task) for row in read_rows(path)[0]]
 
 
 PARTS = ("table", "buckets", "vs-sliding", "compare")

@@ -132,6 +132,11 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return rows, bad
 
 
+def task_rows(out: Path, task: str) -> list[dict[str, Any]]:
+    """Every row of ``task`` in ``out``: the unsharded samples file and every shard's."""
+    return [row for path in task_files(out, SAMPLES_FILE, task) for row in read_rows(path)[0]]
+
+
 def latest_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """One row per key (the last one written wins)."""
     return {row_key(r): r for r in rows}

@@ -34,6 +34,7 @@ from .results import (
     row_key,
     shard_part,
     task_files,
+    task_rows,
     write_json_atomic,
 )
 from .tasks import TASKS, Sample
@@ -312,7 +313,7 @@ def check_same_settings(out: Path, config: EvalConfig, resolved: dict) -> None:
     A label such as ``self-extend`` resolves per model and length (the authors' rule, or settings ``tune``
     saved since): if it resolves differently now, new rows would pool two settings into one number. Cells this
     run adds nothing to are not checked (a finished cell stays valid for what made it)."""
-    rows = [row for samples in task_files(out, SAMPLES_FILE, config.task) for row in read_rows(samples)[0]]
+    rows = task_rows(out, config.task)
     done = latest_rows(rows)
     adding = {(cell[1].label, cell[0]) for cell in plan(config) if _key(config, cell) not in done}
     for row in rows:
