@@ -57,8 +57,13 @@ step_trust_passkey() {  # cheapest first: in-window reference, SelfExtend at 16k
   $SE eval passkey "${C[@]}" --methods truncate,dynamic-ntk,dca,yarn,vanilla --lengths 24k --depths $D5 --samples 2 --out $T
   # 32k: beside the rule's and grouped_scale's ten 32k samples in $P (the same prompts), so paired
   $SE eval passkey "${C[@]}" --methods truncate,dynamic-ntk,dca,yarn,vanilla --lengths 32k --depths $D5 --samples 2 --out $P
-  $SE eval passkey_essays "${C[@]}" --methods self-extend,self-extend:grouped_scale=1.3 --lengths 32k --depths $D5 \
-    --samples 2 --out $T  # real prose at 4x L
+}
+step_trust_prose_32k() {  # real prose and the other wording at 4x L: seed 0 first, then seed 1 (the runs resume)
+  for n in 1 2; do
+    $SE eval passkey_essays "${C[@]}" --methods self-extend,self-extend:grouped_scale=1.3 --lengths 32k --depths $D5 \
+      --samples $n --out $T
+    $SE eval passkey_alt "${C[@]}" --methods self-extend --lengths 32k --depths $D5 --samples $n --out $T
+  done
 }
 step_trust_ruler() {  # issue 18: RULER at 16k with 5 samples per cell (5 depths; vt has no depth: 5 seeds),
   # beside the in-window reference at 8k
