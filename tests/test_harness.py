@@ -185,7 +185,7 @@ def test_tune_ranks_saves_the_winner_and_resumes(model, tokenizer, tmp_path, mon
     target, out = 2 * TRAINED, tmp_path / "sweep"
     stream = io.StringIO()
     ranked = tune(model, tokenizer, target, budget_minutes=60, max_candidates=3, depths="0.5", out=out,
-                  progress=False, stream=stream)
+                  progress=False, stream=stream, model_name="tiny-llama", dtype="float32")
     assert len(ranked) == 3
     assert {(r["group_size"], r["window"]) for r in ranked} == set(candidates(target, TRAINED)[:3])
     assert all(r["reach"] >= target and r["n"] == 1 for r in ranked)
@@ -201,9 +201,15 @@ def test_tune_ranks_saves_the_winner_and_resumes(model, tokenizer, tmp_path, mon
 
     n_rows = len((out / "samples_passkey.jsonl").read_text().splitlines())
     again = tune(model, tokenizer, target, budget_minutes=60, max_candidates=3, depths="0.5", out=out,
-                 progress=False, stream=io.StringIO())
+                 progress=False, stream=io.StringIO(), model_name="tiny-llama", dtype="float32")
     assert again == ranked  # resumed: nothing re-run, same ranking
     assert len((out / "samples_passkey.jsonl").read_text().splitlines()) == n_rows
+    rows = [json.loads(line) for line in (out / "samples_passkey.jsonl").read_text().splitlines()]
+    assert {(r["model"], r["dtype"]) for r in rows} == {("tiny-llama", "float32")}
+    # another model's sweep into the same directory would rank the first model's rows as its own: refused
+    with pytest.raises(ValueError, match="model='tiny-llama'"):
+        tune(model, tokenizer, target, budget_minutes=60, max_candidates=3, depths="0.5", out=out,
+             progress=False, stream=io.StringIO(), model_name="other-model", dtype="float32")
 
 
 def test_tune_budget_and_bad_input(model, tokenizer, tmp_path):
@@ -257,6 +263,29 @@ def test_sign_test_and_paired_comparison():
     assert "| 4096 | 10 | 1.00 | 0.20 | 8 | 0 | 0.00781 |" in markdown_compare([row])
     with pytest.raises(ValueError, match="no retrieval rows for method 'd'"):
         compare(rows, "a", "d")
+
+
+def test_paired_comparison_partial_credit_and_unpairable_rows():
+    from selfextend.eval.report import compare
+
+    def row(method, score, sample, length=4096, depth=0.5, sha=None):
+        r = {"task": "niah_multivalue", "method": method, "length": length, "depth": depth, "sample": sample,
+             "score": score}
+        return r if sha is None else {**r, "prompt_sha": sha}
+
+    # partial credit: a finds every value, b half of them, on all 10 samples: a consistent difference
+    [r] = compare([row("a", 1.0, i) for i in range(10)] + [row("b", 0.5, i) for i in range(10)], "a", "b")
+    assert (r["a_only"], r["b_only"], r["p_value"]) == (10, 0, 2 / 2**10)
+    # nothing in common: a clear error naming both methods' lengths, not an IndexError or a division by zero
+    with pytest.raises(ValueError, match=r"share no sample.*\[4096\].*\[8192\]"):
+        compare([row("a", 1.0, 0), row("b", 1.0, 0, length=8192)], "a", "b")
+    with pytest.raises(ValueError, match="share no sample"):
+        compare([row("a", 1.0, 0, depth=0.1), row("b", 1.0, 0, depth=0.9)], "a", "b")
+    # the same key made from different prompts (another task version) is not a pair
+    with pytest.raises(ValueError, match="different prompts for 1 sample"):
+        compare([row("a", 1.0, 0, sha="x1"), row("b", 0.0, 0, sha="x2")], "a", "b")
+    old_row = row("b", 0.0, 0)  # made before rows carried a prompt hash: paired on its key alone
+    assert compare([row("a", 1.0, 0, sha="x1"), old_row], "a", "b")[0]["a_only"] == 1
 
 
 def test_tables_carry_intervals():

@@ -372,6 +372,26 @@ def test_two_shards_one_killed_and_rerun_report_like_one_run(tiny_dir, tmp_path)
     assert other_seed.returncode == 2 and "seed=0" in other_seed.stderr
 
 
+def test_a_sharded_rerun_skips_samples_another_file_holds(tiny_dir, tmp_path):
+    """Samples finished by an unsharded run are done for a later ``--shard`` run too (and the other way):
+    re-running them into the shard's file would count a cell twice, with whichever file is read last
+    winning."""
+    model, tokenizer = selfextend.load_model(tiny_dir)
+
+    def config(shard=None):
+        return EvalConfig("passkey", [parse_method("vanilla")], [300], [0.1, 0.5, 0.9], 2, 0, {},
+                          str(tiny_dir), shard=shard)
+
+    run_eval(model, tokenizer, config(), tmp_path, progress=False)
+    whole = _keys(tmp_path / "samples_passkey.jsonl")
+    for k in (1, 2):
+        run_eval(model, tokenizer, config((k, 2)), tmp_path, progress=False)
+        shard = tmp_path / f"samples_passkey.shard-{k}-of-2.jsonl"
+        assert not shard.exists() or not shard.read_text().strip()  # nothing re-run
+    summary = write_results(tmp_path, "passkey")
+    assert summary["missing"] == 0 and summary["results"]["vanilla"]["300"]["n"] == len(whole) == 6
+
+
 def test_missing_samples_are_counted_sample_by_sample(tiny_dir, tmp_path):
     """A second run that adds depths to a finished cell and stops before its first sample: its samples are
     missing even though the cell already holds as many rows as the second run asked for."""

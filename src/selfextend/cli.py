@@ -351,7 +351,8 @@ def cmd_tune(args) -> int:
     try:
         tune(model, tokenizer, args.target_length, budget_minutes=args.budget_minutes,
              depths=",".join(map(str, args.depths)), seed=args.seed, out=args.out, save=not args.no_save,
-             max_candidates=args.max_candidates)
+             max_candidates=args.max_candidates, model_name=args.model or "embedded:SmolLM2-135M-Instruct",
+             dtype=args.dtype)
     except KeyboardInterrupt:
         where = f"; the rows so far are in {args.out}: re-run the same command to resume" if args.out else ""
         print(f"interrupted: nothing saved as tuned settings{where}", file=sys.stderr)

@@ -65,29 +65,46 @@ def sign_test(a_only: int, b_only: int) -> float:
 
 def compare(rows: list[dict[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
     """Methods ``a`` and ``b`` on the same samples (paired by length, depth and sample index), per length:
-    how many pairs, how often each alone was right, both accuracies and the sign test's p-value."""
+    how many pairs, how often each scored higher than the other, both accuracies and the sign test's p-value.
+
+    "Higher" and not "right": on partial-credit tasks (several values to find) 1.0 against 0.5 on every
+    sample is a consistent difference the test must see; on 0/1 scores it is the same count. Rows that carry
+    a prompt hash must agree on it, or they are not the same sample (a changed template or haystack)."""
     latest = latest_rows(rows)
-    by = {m: {(k[2], k[3], k[4]): float(r["score"]) for k, r in latest.items() if k[1] == m and "score" in r}
-          for m in (a, b)}
+    by = {m: {(k[2], k[3], k[4]): r for k, r in latest.items() if k[1] == m and "score" in r} for m in (a, b)}
     for m in (a, b):
         if not by[m]:
             raise ValueError(f"no retrieval rows for method {m!r}; methods here: "
                              f"{', '.join(sorted({k[1] for k in latest}))}")
+    shared = [k for k in by[a] if k in by[b]]
+    if not shared:
+        lengths = {m: sorted({k[0] for k in by[m]}) for m in (a, b)}
+        raise ValueError(f"{a!r} and {b!r} share no sample (same length, depth and sample index): {a} has "
+                         f"lengths {lengths[a]}, {b} has {lengths[b]}; run both on the same "
+                         "--lengths/--depths/--samples")
+    differ = [k for k in shared
+              if None not in (by[a][k].get("prompt_sha"), by[b][k].get("prompt_sha"))
+              and by[a][k]["prompt_sha"] != by[b][k]["prompt_sha"]]
+    if differ:
+        raise ValueError(f"{a!r} and {b!r} were given different prompts for {len(differ)} sample(s) (e.g. "
+                         f"length, depth, sample = {differ[0]}): they were run with other task versions, so "
+                         "they cannot be paired; re-run one of them into a fresh --out")
     out = []
-    for length in sorted({k[0] for k in by[a]} & {k[0] for k in by[b]}):
-        pairs = [k for k in by[a] if k[0] == length and k in by[b]]
-        a_only = sum(by[a][k] >= 0.5 > by[b][k] for k in pairs)
-        b_only = sum(by[b][k] >= 0.5 > by[a][k] for k in pairs)
+    for length in sorted({k[0] for k in shared}):
+        pairs = [k for k in shared if k[0] == length]
+        sa = {k: float(by[a][k]["score"]) for k in pairs}
+        sb = {k: float(by[b][k]["score"]) for k in pairs}
+        a_only = sum(sa[k] > sb[k] for k in pairs)
+        b_only = sum(sb[k] > sa[k] for k in pairs)
         out.append({"length": length, "pairs": len(pairs), "a": a, "b": b,
-                    "a_accuracy": sum(by[a][k] for k in pairs) / len(pairs),
-                    "b_accuracy": sum(by[b][k] for k in pairs) / len(pairs),
+                    "a_accuracy": sum(sa.values()) / len(pairs), "b_accuracy": sum(sb.values()) / len(pairs),
                     "a_only": a_only, "b_only": b_only, "p_value": sign_test(a_only, b_only)})
     return out
 
 
 def markdown_compare(table: list[dict[str, Any]]) -> str:
     a, b = table[0]["a"], table[0]["b"]
-    lines = [f"| {a} vs {b} | pairs | {a} | {b} | only {a} right | only {b} right | sign test p |",
+    lines = [f"| {a} vs {b} | pairs | {a} | {b} | {a} better | {b} better | sign test p |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['length']} | {r['pairs']} | {r['a_accuracy']:.2f} | {r['b_accuracy']:.2f} | "
@@ -427,7 +444,11 @@ def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str,
                 texts.append(against)
         if "compare" in keep and pair is not None and any(
                 "accuracy" in c for m in result["results"].values() for c in m.values()):
-            texts.append(markdown_compare(compare(task_rows(out, task), *pair)))
+            absent = [m for m in pair if m not in result["results"]]
+            if absent and not tasks:  # every task of the directory: say which lacks the pair, go on
+                texts.append(f"({task}: no {' or '.join(absent)} rows to compare)")
+            else:
+                texts.append(markdown_compare(compare(task_rows(out, task), *pair)))
     return "\n\n".join(texts)
 
 

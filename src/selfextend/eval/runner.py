@@ -227,7 +227,9 @@ def _barrier() -> None:
 def _run(model, tokenizer, config: EvalConfig, task, path: Path, resolved: dict,
          progress: bool, write: bool) -> list[dict[str, Any]]:
     cells = plan(config)
-    done = latest_rows(read_rows(path)[0]) if write else {}
+    # done in any of the task's files (unsharded or any shard's): a re-run with other --shard settings must
+    # not repeat finished samples, nor skip the settings check that looks at the same rows
+    done = latest_rows(task_rows(path.parent, config.task)) if write else {}
     todo = _broadcast([i for i, c in enumerate(cells) if _key(config, c) not in done] if write else None)
     todo = [cells[i] for i in todo]
     prompts: dict[tuple, Sample] = {}

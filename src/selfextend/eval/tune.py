@@ -44,7 +44,8 @@ def _label(g: int, w: int) -> str:
 
 def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, depths: str = "0.1,0.5,0.9",
          seed: int = 0, out: str | Path | None = None, save: bool = True, max_candidates: int | None = None,
-         progress: bool = True, stream=sys.stdout) -> list[dict[str, Any]]:
+         progress: bool = True, stream=sys.stdout, model_name: str = "", dtype: str = "float32",
+         ) -> list[dict[str, Any]]:
     """Run the sweep and return the ranked rows (best first); saves the winner unless ``save=False``."""
     L = trained_length_of(model.config)
     if target_length <= L:
@@ -70,10 +71,14 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
         t0 = time.monotonic()
         spec = MethodSpec(_label(g, w), "self-extend", {"group_size": g, "window": w})
         print(f"tune: [{i + 1}/{len(todo)}] G={g} W={w}", file=stream, flush=True)
-        run_eval(model, tokenizer, EvalConfig("passkey", [spec], [target_length], depth_list, 1, seed),
+        # the model and dtype go into every row and the run's identity, so a second model's tune into the
+        # same --out is refused instead of ranking the first model's rows
+        run_eval(model, tokenizer, EvalConfig("passkey", [spec], [target_length], depth_list, 1, seed,
+                                              model_name=model_name, dtype=dtype),
                  out_dir, progress=progress)
         run_eval(model, tokenizer, EvalConfig("ppl", [spec], [target_length], None, 1, seed,
-                                              {"corpus": "pydoc", "mode": "single-pass", "bucket": 1024}),
+                                              {"corpus": "pydoc", "mode": "single-pass", "bucket": 1024},
+                                              model_name=model_name, dtype=dtype),
                  out_dir, progress=progress)
         costs.append(time.monotonic() - t0)
         tried.append((g, w))
