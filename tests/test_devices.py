@@ -116,3 +116,9 @@ def test_cli_under_torchrun_prints_and_writes_once(model_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "samples_passkey.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and len({(r["method"], r["depth"]) for r in rows}) == 4  # rank 0 alone writes
     assert "tensor parallel over 2 processes" in run.stderr
+    # a refusal on rank 0 (another seed into the same --out) is a clear error; torchrun stops the other rank
+    refused = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "selfextend", "eval", "passkey",
+                              "--model", str(model_dir), "--methods", "vanilla", "--lengths", "200",
+                              "--depths", "2", "--seed", "5", "--out", str(out), "--no-plots"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "seed=0" in refused.stderr, refused.stderr[-3000:]
