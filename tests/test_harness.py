@@ -330,6 +330,11 @@ def test_perplexity_against_the_sliding_baseline_past_its_window():
     text = markdown_vs_sliding(list(table.values()))
     assert "| b | 20.00 | 10.00 | 2.000x [2.000-2.000] | 3k (2.00x) |" in text
     assert vs_sliding(summarize(rows[1:]), 8192) == []  # no sliding row: nothing to compare against
+    # a method scored on a second document the baseline never read is not divided by the baseline
+    rows.append({**row("b", "single-pass", None, [30.0] * 8), "sample": 1})
+    [b] = [r for r in vs_sliding(summarize(rows), 8192) if r["method"] == "b"]
+    assert b["unpaired"] and (b["documents"], b["baseline_documents"]) == ([0, 1], [0])
+    assert "| b | - | - | not paired: documents [0, 1], the baseline's [0]" in markdown_vs_sliding([b])
 
 
 def test_rows_carry_hashes_of_their_prompt_and_settings(model, tokenizer, tmp_path):

@@ -162,6 +162,7 @@ def summarize(rows: list[dict[str, Any]], planned: set[tuple] | None = None) -> 
                               for b in range(n_buckets)]
                 table[method][str(length)] = {
                     "ppl": math.exp(nll), "nll": nll, "n": len(cell_rows), "mode": cell_rows[0]["mode"],
+                    "documents": sorted(int(r["sample"]) for r in cell_rows),
                     "ppl_ci95": list(bootstrap_ppl([b for r in cell_rows for b in r["bucket_nll"]])),
                     "bucket": cell_rows[0]["bucket"], "bucket_ppl": [math.exp(b) for b in bucket_nll],
                     "window": cell_rows[0].get("window"),
@@ -235,7 +236,8 @@ def vs_sliding(summary: dict[str, Any], length: int, reps: int = 2000,
     buckets (the text's own difficulty read with the trained window), with a paired bootstrap interval.
 
     The ratio is ``exp(mean over those buckets of nll_method - nll_baseline)``; buckets are resampled jointly
-    for both. Empty without a ``sliding`` row at this length."""
+    for both. A method scored on other documents than the baseline is listed as unpaired, not divided (its
+    buckets average other text). Empty without a ``sliding`` row at this length."""
     cells = {m: summary["results"][m].get(str(length)) for m in summary["methods"]}
     cells = {m: c for m, c in cells.items() if c is not None and "bucket_ppl" in c}
     base = next((m for m, c in cells.items() if c.get("mode") == "sliding" and c.get("window")), None)
@@ -248,6 +250,11 @@ def vs_sliding(summary: dict[str, Any], length: int, reps: int = 2000,
     for method, cell in cells.items():
         n = min(len(cell["bucket_ppl"]), len(base_nll))
         if method == base or cell["bucket"] != bucket or n <= first:
+            continue
+        if cell.get("documents") != cells[base].get("documents"):
+            table.append({"method": method, "baseline": base, "from_token": first * bucket, "length": length,
+                          "buckets": n - first, "unpaired": True, "documents": cell.get("documents"),
+                          "baseline_documents": cells[base].get("documents")})
             continue
         diff = torch.tensor([math.log(cell["bucket_ppl"][b]) - base_nll[b] for b in range(first, n)],
                             dtype=torch.float64)
@@ -273,6 +280,10 @@ def markdown_vs_sliding(table: list[dict[str, Any]]) -> str:
              "| method | ppl | baseline ppl | ratio [95% paired bootstrap] | worst bucket (ratio) |",
              "|---|---:|---:|---|---|"]
     for r in table:
+        if r.get("unpaired"):
+            lines.append(f"| {r['method']} | - | - | not paired: documents {r['documents']}, the baseline's "
+                         f"{r['baseline_documents']} (run both on the same --samples) | - |")
+            continue
         lo, hi = r["ci95"]
         lines.append(f"| {r['method']} | {r['ppl']:.2f} | {r['baseline_ppl']:.2f} | {r['ratio']:.3f}x "
                      f"[{lo:.3f}-{hi:.3f}] | {r['worst_bucket'] // 1024}k ({r['worst_ratio']:.2f}x) |")
