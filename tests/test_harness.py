@@ -305,6 +305,31 @@ def test_tables_carry_intervals():
     assert bootstrap_ppl([2.0, 2.1, 2.3]) == bootstrap_ppl([2.0, 2.1, 2.3])  # seeded
 
 
+def test_perplexity_interval_weights_buckets_by_their_tokens():
+    """A document of 8193 tokens in 2048-token buckets ends with a one-token bucket: the interval must
+    resample the token-weighted mean the point estimate is, not let one token weigh as much as 2048."""
+    import math
+
+    from selfextend.eval.report import bucket_sizes, summarize
+    from selfextend.eval.tasks.ppl import bucket_means
+
+    assert bucket_sizes(8193, 2048) == [2047, 2048, 2048, 2048, 1]
+    nll = torch.rand(8192, dtype=torch.float64)  # the counts bucket_means averages over, for any length
+    positions = torch.arange(1, 8193)
+    assert [int(((positions // 2048) == b).sum()) for b in range(len(bucket_means(nll, 2048)))] == \
+        bucket_sizes(8193, 2048)
+    rows = []
+    for i in range(10):
+        buckets = [2.0, 2.0, 2.0, 2.0, 8.0]  # the single last token is hard
+        mean = sum(b * n for b, n in zip(buckets, bucket_sizes(8193, 2048), strict=True)) / 8192
+        rows.append({"task": "ppl", "method": "m", "length": 8193, "depth": None, "sample": i,
+                     "mode": "single-pass", "window": None, "bucket": 2048, "bucket_nll": buckets,
+                     "nll": mean, "prompt_tokens": 8193, "seconds": 1.0})
+    cell = summarize(rows)["results"]["m"]["8193"]
+    lo, hi = cell["ppl_ci95"]
+    assert lo <= cell["ppl"] <= hi and hi < math.exp(2.01)  # about e^2; unweighted it was [13.5-50.4]
+
+
 def test_perplexity_against_the_sliding_baseline_past_its_window():
     """Ratios of known per-bucket values: past the baseline's window only, paired, worst bucket named."""
     import math

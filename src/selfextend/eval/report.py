@@ -41,17 +41,42 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def bootstrap_ppl(nlls: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of ``exp(mean(nlls))``, resampling buckets (or documents)."""
+def bucket_sizes(n_tokens: int, bucket: int) -> list[int]:
+    """Tokens scored in each position bucket of an ``n_tokens`` document (tokens 1 .. n-1 are predicted, token
+    t in bucket t // bucket): the first bucket has one fewer, the last what is left."""
+    last = n_tokens - 1
+    return [min((b + 1) * bucket - 1, last) - max(b * bucket, 1) + 1 for b in range(last // bucket + 1)]
+
+
+def bootstrap_ppl(nlls: list[float], reps: int = 2000, seed: int = 0,
+                  weights: list[float] | None = None) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``exp(mean(nlls))``, resampling buckets (or documents).
+
+    ``weights`` (tokens per bucket) make each resample a token-weighted mean, as the point estimate is: a
+    short last bucket would otherwise count as much as a full one and the interval could miss the estimate."""
     if not nlls:
         return float("nan"), float("nan")
     if len(nlls) == 1:
         return math.exp(nlls[0]), math.exp(nlls[0])
     values = torch.tensor(nlls, dtype=torch.float64)
+    w = torch.ones_like(values) if weights is None else torch.tensor(weights, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(len(nlls), (reps, len(nlls)), generator=g)].mean(1).exp()
+    pick = torch.randint(len(nlls), (reps, len(nlls)), generator=g)
+    means = ((values[pick] * w[pick]).sum(1) / w[pick].sum(1)).exp()
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return lo, hi
+
+
+def _bucket_weights(rows: list[dict[str, Any]]) -> list[float] | None:
+    """Tokens per bucket of every row, in ``bootstrap_ppl``'s order; None for rows without their size."""
+    weights = []
+    for r in rows:
+        n = r.get("n_tokens") or r.get("prompt_tokens")  # the document's tokens (rows carry prompt_tokens)
+        sizes = bucket_sizes(int(n), int(r["bucket"])) if n else []
+        if len(sizes) != len(r["bucket_nll"]):
+            return None
+        weights += sizes
+    return weights
 
 
 def sign_test(a_only: int, b_only: int) -> float:
@@ -163,7 +188,8 @@ def summarize(rows: list[dict[str, Any]], planned: set[tuple] | None = None) -> 
                 table[method][str(length)] = {
                     "ppl": math.exp(nll), "nll": nll, "n": len(cell_rows), "mode": cell_rows[0]["mode"],
                     "documents": sorted(int(r["sample"]) for r in cell_rows),
-                    "ppl_ci95": list(bootstrap_ppl([b for r in cell_rows for b in r["bucket_nll"]])),
+                    "ppl_ci95": list(bootstrap_ppl([b for r in cell_rows for b in r["bucket_nll"]],
+                                                   weights=_bucket_weights(cell_rows))),
                     "bucket": cell_rows[0]["bucket"], "bucket_ppl": [math.exp(b) for b in bucket_nll],
                     "window": cell_rows[0].get("window"),
                     "seconds": sum(float(r["seconds"]) for r in cell_rows),
