@@ -265,6 +265,22 @@ def test_sign_test_and_paired_comparison():
         compare(rows, "a", "d")
 
 
+def test_directory_wide_compare_skips_a_task_without_the_pair(tmp_path):
+    from selfextend.eval.report import render, report
+
+    for task, methods in (("passkey", ("a", "b")), ("passkey_alt", ("a",))):
+        rows = [{"task": task, "method": m, "length": 4096, "depth": 0.5, "sample": i,
+                 "score": float(m == "a"), "prompt_tokens": 4000, "seconds": 1.0}
+                for m in methods for i in range(3)]
+        (tmp_path / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for text in (render(tmp_path, None, ("a", "b"), ["compare"]),
+                 report(tmp_path, None, plots=False, pair=("a", "b"), parts=["compare"])):
+        assert "| 4096 | 3 | 1.00 | 0.00 | 3 | 0 | 0.25 |" in text
+        assert "(passkey_alt: no b rows to compare)" in text
+    with pytest.raises(ValueError, match="no retrieval rows for method 'b'"):  # asked for by name: an error
+        render(tmp_path, ["passkey_alt"], ("a", "b"), ["compare"])
+
+
 def test_paired_comparison_partial_credit_and_unpairable_rows():
     from selfextend.eval.report import compare
 
