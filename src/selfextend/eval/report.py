@@ -71,7 +71,7 @@ def _bucket_weights(rows: list[dict[str, Any]]) -> list[float] | None:
     """Tokens per bucket of every row, in ``bootstrap_ppl``'s order; None for rows without their size."""
     weights = []
     for r in rows:
-        n = r.get("n_tokens") or r.get("prompt_tokens")  # the document's tokens (rows carry prompt_tokens)
+        n = r.get("prompt_tokens")  # the document length (the runner renames the task's n_tokens)
         sizes = bucket_sizes(int(n), int(r["bucket"])) if n else []
         if len(sizes) != len(r["bucket_nll"]):
             return None
