@@ -170,3 +170,22 @@ def test_cache_found_under_either_transformers_name():
         model(x[:, PROMPT : PROMPT + 1], use_cache=True, **{name: cache})
     assert getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT + 1 - W + 1  # one more key grouped, in place
     assert output_cache(object()) is None
+
+
+def test_no_call_outlives_its_layer():
+    """What the cache keeps to rotate its keys back holds nothing of an attention call: a call keeps the
+    layer's query, key and value, so keeping it would hold one query per layer for the rest of the forward
+    (a prefill's transient memory) and the last one per layer after it."""
+    import gc
+
+    from selfextend.integrations.hf.attention import AttentionCall
+
+    model = build_model("llama")
+    selfextend.apply(model, group_size=G, window=W)
+    with torch.no_grad():
+        out = model(ids(PROMPT), use_cache=True)
+    cache = output_cache(out)
+    assert getattr(cache, RECORD_ATTR).layers  # the cache the model created was adopted, keys grouped
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, AttentionCall)]
+    selfextend.remove(model)

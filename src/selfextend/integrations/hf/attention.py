@@ -130,6 +130,12 @@ class LayerState:
     layer_idx: int | None = None  # the layer's index in the KV cache
     extra: Any = None  # the method's per-layer helper (DCA: its GroupedKeyStore)
 
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+        """``x`` rotated by ``delta`` positions with this layer's frequencies. What outlives a call (a cache's
+        record of how to rotate its keys back) keeps this, never a call's bound method: that would keep the
+        call's query, key and value alive with it."""
+        return rotate_by(x, delta, self.inv_freq(), self.layout, memo)
+
 
 def vanilla_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
     """The attention function the model used before ``apply``."""
@@ -226,7 +232,7 @@ class AttentionCall:
         """``x`` rotated by ``delta`` positions with this layer's frequencies. ``shared``: small rotations (a
         decode step) reuse one matrix per forward across layers (``rope.rotate_by``'s memo)."""
         memo = self.spec._materialized if shared and self.spec is not None else None
-        return rotate_by(x, delta, self.layer.inv_freq(), self.layer.layout, memo)
+        return self.layer.rotate(x, delta, memo)
 
 
 class AttentionIntegration:

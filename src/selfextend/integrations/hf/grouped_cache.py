@@ -221,8 +221,12 @@ class GroupedCache:
         return count
 
     def commit(self, layer_idx: int | None, key: torch.Tensor, grouped: torch.Tensor, key_pos: torch.Tensor,
-               written: int, window: int, group_size: int, contiguous: bool, rotate: Rotate) -> None:
+               written: int, window: int, group_size: int, contiguous: bool, rotate: Rotate,
+               restore_with: Rotate) -> None:
         """After the call: rotate, in the cache, the keys no later query sees as neighbors.
+
+        ``rotate`` serves this call (it may share the forward's small-rotation memo); ``restore_with`` is kept
+        to rotate the keys back later, so it must hold nothing of the call (no query, key or value).
 
         Without a visible cache (the model creates one inside a prefill) the keys are written anyway and
         adopted by ``_after`` only if they turn out to be the new cache's storage; otherwise they were the
@@ -244,9 +248,9 @@ class GroupedCache:
                                               _delta(key_pos[:, copied:target], group_size))
             count = target
         if visible:
-            self._record(layer_idx, count, group_size, key_pos, rotate)
+            self._record(layer_idx, count, group_size, key_pos, restore_with)
         else:
-            self._pending[layer_idx] = (count, group_size, key.data_ptr(), rotate)
+            self._pending[layer_idx] = (count, group_size, key.data_ptr(), restore_with)
             self._pending_pos = key_pos
 
     def close(self) -> None:

@@ -72,7 +72,8 @@ class SelfExtendAttention(AttentionIntegration):
         inputs = SelfExtendInputs(query=query, grouped_query=grouped_query, grouped_key=grouped_key, window=W,
                                   **call.backend_inputs(key_valid, key_pos))
         out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
-        keeper.commit(layer_idx, key, grouped_key, key_pos, written, W, G, contiguous, call.rotate)
+        keeper.commit(layer_idx, key, grouped_key, key_pos, written, W, G, contiguous, call.rotate,
+                      restore_with=call.layer.rotate)
         return out
 
 
