@@ -22,7 +22,7 @@ import torch
 
 import selfextend
 from selfextend.backends import BACKENDS, SelfExtendInputs
-from selfextend.backends.blockwise import BlockwiseBackend
+from selfextend.backends.composed import ComposedBackend
 from selfextend.eval.runner import parse_method
 from selfextend.eval.tasks import TASKS
 
@@ -47,7 +47,7 @@ def summarise(probs: torch.Tensor, grouped: torch.Tensor | None) -> dict:
     return row
 
 
-class RecordingBackend(BlockwiseBackend):
+class RecordingBackend(ComposedBackend):
     """The ``cpu`` backend, recording the last query row's SelfExtend attention (neighbor or grouped scores by
     distance, one softmax) before attending."""
 

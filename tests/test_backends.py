@@ -6,7 +6,7 @@ from helpers import make_dca_inputs, make_inputs, real_rows
 from reference import dca_attention_ref
 
 from selfextend.backends import BACKENDS, DCAInputs, select_backend
-from selfextend.backends.blockwise import BlockwiseBackend
+from selfextend.backends.composed import ComposedBackend
 from selfextend.backends.merge import merge_lse
 from selfextend.backends.primitives import _attention_with_lse_matmul, attention_with_lse
 from selfextend.positions import dca_exact_below
@@ -27,7 +27,7 @@ def test_blockwise_matches_reference(shape, q_len, block):
     b, h, hk, n, d, w, g = shape
     inp = make_inputs(b, h, hk, n, d, w, g, q_len=q_len)
     ref = BACKENDS["reference"].forward(inp)
-    out = BlockwiseBackend(block).forward(inp)
+    out = ComposedBackend(block).forward(inp)
     assert (out - ref).abs().max() < 2e-5
 
 
@@ -39,7 +39,7 @@ def test_blockwise_left_padding(q_len, block):
     valid[1, :60] = False
     inp = make_inputs(3, 4, 2, 120, 16, 8, 4, q_len=q_len, key_valid=valid)
     ref = real_rows(BACKENDS["reference"].forward(inp), inp)
-    out = real_rows(BlockwiseBackend(block).forward(inp), inp)
+    out = real_rows(ComposedBackend(block).forward(inp), inp)
     assert (out - ref).abs().max() < 2e-5
 
 
@@ -55,7 +55,7 @@ def test_padding_gap_goes_to_reference_under_auto():
 def test_softcap_matches_reference():
     inp = make_inputs(1, 4, 2, 90, 16, 8, 3, softcap=5.0)
     ref = BACKENDS["reference"].forward(inp)
-    assert (BlockwiseBackend(16).forward(inp) - ref).abs().max() < 2e-5
+    assert (ComposedBackend(16).forward(inp) - ref).abs().max() < 2e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -64,7 +64,7 @@ def test_low_precision_within_rounding_of_reference(dtype):
     exact = BACKENDS["reference"].forward(inp32)
     inp = make_inputs(1, 4, 2, 200, 32, 32, 4, dtype=dtype)
     ref_low = BACKENDS["reference"].forward(inp).float()  # reference run on the same rounded inputs
-    out = BlockwiseBackend(16).forward(inp).float()
+    out = ComposedBackend(16).forward(inp).float()
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     # rounding noise sets the bar: at most 2x the error the rounded reference itself has, plus one ulp
     eps = torch.finfo(dtype).eps
@@ -96,7 +96,8 @@ def test_matmul_primitive_matches_cpu_kernel():
 
 def test_unknown_backend_lists_choices():
     inp = make_inputs()
-    with pytest.raises(ValueError, match="Unknown backend 'flash'. Available: auto, cpu, reference"):
+    with pytest.raises(ValueError,
+                       match="Unknown backend 'flash'. Available: auto, composed, reference, cpu"):
         select_backend("flash", inp)
 
 

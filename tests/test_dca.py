@@ -165,7 +165,8 @@ def test_defaults_reach_and_qwen_config(caplog):
         ({"temperature": "yes"}, TypeError, "temperature must be True or False"),
         ({"window": 16}, ValueError, "group_size/window are SelfExtend parameters"),
         ({"group": 4}, ValueError, "method 'dca' has no parameter 'group'"),
-        ({"backend": "cuda"}, ValueError, "Unknown backend 'cuda'. Available: auto, cpu, reference."),
+        ({"backend": "cuda"}, ValueError,
+         "Unknown backend 'cuda'. Available: auto, composed, reference, cpu."),
     ],
 )
 def test_bad_parameters_name_the_fix_and_leave_the_model_alone(kwargs, error, message):

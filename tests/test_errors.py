@@ -72,7 +72,8 @@ def test_unsupported_family():
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="Unknown backend 'flash'. Available: auto, cpu, reference"):
+    with pytest.raises(ValueError,
+                       match="Unknown backend 'flash'. Available: auto, composed, reference, cpu"):
         selfextend.apply(build_model("llama"), group_size=2, window=16, backend="flash")
 
 

@@ -115,4 +115,4 @@ def test_supports_and_selection(caplog):
     with pytest.raises(ValueError, match="does not support dtype torch.float64"):
         select_backend("flex", make_inputs(dtype=torch.float64))
     assert select_backend("flex", make_inputs()).name == "flex"  # explicit: runs uncompiled on CPU
-    assert select_backend("auto", make_inputs()).name == "cpu"  # auto never picks flex on CPU
+    assert select_backend("auto", make_inputs()).name == "composed"  # auto never picks flex on CPU

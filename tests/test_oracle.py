@@ -48,9 +48,12 @@ import torch.nn.functional as F
 from conftest import TRAINED, build_model
 from helpers import interpreted_triton_kernel
 from reference import selfextend_attention_ref, selfextend_distance_table
+from standins import AtenStandins
 
 import selfextend
 from selfextend.backends import BACKENDS, Backend, SelfExtendInputs
+from selfextend.backends.composed import ComposedBackend
+from selfextend.backends.lse_ops import CudaOps, merge_into_torch
 from selfextend.positions import absolute_key_positions as library_key_positions
 from selfextend.positions import grouped_key_positions, grouped_query_positions
 from selfextend.rope import rotate_by
@@ -141,6 +144,18 @@ def test_library_positions_match_oracle_table(window: int, group: int) -> None:
 
 
 KERNEL = interpreted_triton_kernel()
+MERGE_KERNEL = interpreted_triton_kernel("triton_merge")
+
+
+def composed_on_cuda_ops(triton_merge: bool = False) -> Backend:
+    """The composed backend on its CUDA code path (``CudaOps``) with CPU stand-ins of the aten ops
+    (``tests/standins.py``), fp32 admitted so the composition is checked at fp32 tolerance too; the merge in
+    torch ops or the Triton kernel under its interpreter."""
+    if triton_merge and MERGE_KERNEL is None:
+        pytest.skip("triton is not installed, or its kernels were imported compiled before this module")
+    ops = CudaOps(aten=AtenStandins(), merge=MERGE_KERNEL.merge_into if triton_merge else merge_into_torch)
+    ops.dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return ComposedBackend(ops=ops)
 
 # backends by test name; the "-block16" variants run the block loops that inputs shorter than the default
 # block size (256 for cpu, 128 for flex) never reach
@@ -151,9 +166,12 @@ VARIANTS: dict[str, Callable[[], Backend]] = {
     "flex": lambda: BACKENDS["flex"],
     "flex-block16": lambda: type(BACKENDS["flex"])(block_size=16),
     "triton": lambda: BACKENDS["triton"],
+    "composed-cuda": composed_on_cuda_ops,
+    "composed-cuda-triton-merge": lambda: composed_on_cuda_ops(triton_merge=True),
 }
 SOFTCAP_VARIANTS = ["reference", "cpu", "cpu-block16", "flex-block16"]  # the Triton kernel has no softcap
-LOW_PRECISION_VARIANTS = ["reference", "cpu", "cpu-block16", "flex-block16", "triton"]
+LOW_PRECISION_VARIANTS = ["reference", "cpu", "cpu-block16", "flex-block16", "triton", "composed-cuda",
+                          "composed-cuda-triton-merge"]
 
 
 @dataclass(frozen=True)
@@ -172,9 +190,9 @@ class Case:
     dtype: torch.dtype = torch.float32
 
     def for_backend(self, variant: str) -> Case:
-        """Triton's kernel takes head dims 64/128/256 only: the same case at head dim 64 (partial rotary:
-        48 channels rotate, 16 pass through)."""
-        if variant != "triton":
+        """Triton's kernel takes head dims 64/128/256 only, FlashAttention multiples of 8: the same case at
+        head dim 64 (partial rotary: 48 channels rotate, 16 pass through)."""
+        if variant != "triton" and not variant.startswith("composed-cuda"):
             return self
         passes = self.dim - 2 * self.rot_half
         return replace(self, dim=64, rot_half=32 - 4 * passes)
@@ -211,6 +229,8 @@ MATRIX_RUNS = {  # variant -> the matrix cases it runs
     "flex": _covering(one_per_group=True),
     "flex-block16": _covering(),
     "triton": _covering(),
+    "composed-cuda": list(MATRIX),
+    "composed-cuda-triton-merge": _covering(),
 }
 SOFTCAP = {
     f"softcap-{mode}-W7G3": replace(

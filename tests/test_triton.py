@@ -173,7 +173,7 @@ def test_supports_and_fallback(caplog, monkeypatch):
     # explicit backend='triton' that cannot run: logged, then auto's choice (exact on CPU)
     inp = make_inputs(1, 4, 2, 40, 32, 8, 2)
     with caplog.at_level(logging.WARNING, logger="selfextend"):
-        assert select_backend("triton", inp).name == "cpu"
+        assert select_backend("triton", inp).name == "composed"
     assert "backend 'triton' cannot run this input (head dim 32" in caplog.text
     # ... but an unsupported dtype is a configuration error
     with pytest.raises(ValueError,
@@ -181,7 +181,7 @@ def test_supports_and_fallback(caplog, monkeypatch):
                              r"float32"):
         select_backend("triton", make_inputs(1, 4, 2, 40, 64, 8, 2, dtype=torch.float64))
     # auto on CPU: never triton
-    assert select_backend("auto", make_inputs(1, 4, 2, 40, 64, 8, 2)).name == "cpu"
+    assert select_backend("auto", make_inputs(1, 4, 2, 40, 64, 8, 2)).name == "composed"
 
 
 def test_backend_forward_matches_reference():

@@ -17,10 +17,10 @@ logger = logging.getLogger("selfextend")
 
 BACKENDS: Registry[Backend] = Registry("backend")
 
-from . import blockwise, flex, reference, triton  # noqa: E402,F401  (each registers itself)
+from . import composed, flex, reference, triton  # noqa: E402,F401  (each registers itself)
 
-AUTO_ORDER = ("cpu", "reference")
-AUTO_ORDER_CUDA = ("triton", "flex", "cpu", "reference")
+AUTO_ORDER = ("composed", "reference")
+AUTO_ORDER_CUDA = ("composed", "triton", "flex", "cpu", "reference")
 _fallback_logged: set[tuple[str, str]] = set()
 
 

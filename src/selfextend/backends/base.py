@@ -42,6 +42,9 @@ class AttentionInputs:
     q_start: int  # index in the key tensor of query 0 (causality is by index: key j <= q_start + i)
     scaling: float
     softcap: float | None = None  # Gemma 2: cap * tanh(score / cap)
+    # True: each row's real keys are one run ending at the last key (no padding, or left padding), as the
+    # caller already knows; None: the backend checks (a host read). Lets a decode step run without one.
+    ends_contiguous: bool | None = None
 
     @property
     def q_len(self) -> int:
