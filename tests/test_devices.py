@@ -87,9 +87,10 @@ def test_per_forward_state_is_kept_per_device():
     mask[1, :3] = 0
     spec = MaskSpec({"attention_mask": mask, "mask_function": causal_mask_function})
     query_pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    key_valid, key_pos = spec.positions(query_pos, 0, 10)
-    assert (0, 10, query_pos.device) in spec._materialized  # a second device would get its own entry
-    assert key_valid.device == query_pos.device and key_pos.device == query_pos.device
+    facts = spec.facts(query_pos, 0, 10, 10)
+    assert ("facts", 0, 10, 10, query_pos.device) in spec._materialized  # another device gets its own entry
+    assert facts.key_valid.device == query_pos.device and facts.key_pos.device == query_pos.device
+    assert facts.consistent and facts.max_pos == 9
     built = spec.materialize("no-such-implementation", torch.device("meta"))  # the 2D mask, moved
     assert built.device.type == "meta"
     assert ("no-such-implementation", torch.device("meta")) in spec._materialized

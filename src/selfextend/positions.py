@@ -86,6 +86,13 @@ def recommended_group_size(
     return max(g, smallest_group_size(target_length, trained_length, window))
 
 
+POSITION_IDS_ERROR = (
+    "position_ids must count the non-padding tokens (as transformers' generate() computes them); "
+    "got positions that skip or restart (packed sequences or custom position_ids). SelfExtend "
+    "cannot tell which keys are neighbors then; pass position_ids=attention_mask.cumsum(-1) - 1."
+)
+
+
 def absolute_key_positions(
     query_pos: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, kv_len: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,34 +116,37 @@ def absolute_key_positions(
         ValueError: when ``position_ids`` do not count the non-padding tokens (packed sequences,
             custom position ids): SelfExtend would silently group the wrong keys.
     """
+    key_pos, query_valid, consistent = key_positions_unchecked(query_pos, key_valid, q_start, kv_len)
+    if not bool(consistent):
+        raise ValueError(POSITION_IDS_ERROR)
+    return key_pos, query_valid
+
+
+def key_positions_unchecked(
+    query_pos: torch.Tensor, key_valid: torch.Tensor | None, q_start: int, kv_len: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``absolute_key_positions`` without reading anything back to the host: the consistency of the
+    ``position_ids`` comes back as a 0-d bool tensor, for a caller that reads it together with its other
+    per-forward facts (one device-to-host transfer per forward, not one per check)."""
     bsz, q_len = query_pos.shape
     device = query_pos.device
     idx = torch.arange(kv_len, device=device)
     q_idx = q_start + torch.arange(q_len, device=device)
     if key_valid is None:
         key_pos = idx[None, :] + (query_pos[:, -1:] - (q_start + q_len - 1))
-        query_valid = None
-        consistent = torch.equal(key_pos[:, q_start : q_start + q_len], query_pos)
-    else:
-        count = torch.cumsum(key_valid.to(torch.long), dim=1)  # (B, kv_len)
-        query_valid = key_valid[:, q_start : q_start + q_len]
-        # anchor each row at its last non-padding query
-        last = torch.where(query_valid, torch.arange(q_len, device=device), -1).amax(dim=1)  # (B,)
-        has_query = last >= 0
-        last = last.clamp(min=0)
-        anchor_pos = query_pos.gather(1, last[:, None])  # (B, 1)
-        anchor_count = count.gather(1, (q_start + last)[:, None])  # (B, 1)
-        key_pos = torch.where(key_valid, count - anchor_count + anchor_pos, 0)
-        key_pos = torch.where(has_query[:, None], key_pos, 0)
-        got = key_pos[:, q_idx]
-        consistent = bool(((got == query_pos) | ~query_valid).all())
-    if not consistent:
-        raise ValueError(
-            "position_ids must count the non-padding tokens (as transformers' generate() computes them); "
-            "got positions that skip or restart (packed sequences or custom position_ids). SelfExtend "
-            "cannot tell which keys are neighbors then; pass position_ids=attention_mask.cumsum(-1) - 1."
-        )
-    return key_pos, query_valid
+        return key_pos, None, (key_pos[:, q_start : q_start + q_len] == query_pos).all()
+    count = torch.cumsum(key_valid.to(torch.long), dim=1)  # (B, kv_len)
+    query_valid = key_valid[:, q_start : q_start + q_len]
+    # anchor each row at its last non-padding query
+    last = torch.where(query_valid, torch.arange(q_len, device=device), -1).amax(dim=1)  # (B,)
+    has_query = last >= 0
+    last = last.clamp(min=0)
+    anchor_pos = query_pos.gather(1, last[:, None])  # (B, 1)
+    anchor_count = count.gather(1, (q_start + last)[:, None])  # (B, 1)
+    key_pos = torch.where(key_valid, count - anchor_count + anchor_pos, 0)
+    key_pos = torch.where(has_query[:, None], key_pos, 0)
+    got = key_pos[:, q_idx]
+    return key_pos, query_valid, ((got == query_pos) | ~query_valid).all()
 
 
 def padding_spans(key_valid: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

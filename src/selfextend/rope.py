@@ -43,7 +43,8 @@ def rotate_by(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if memo is not None and delta.numel() <= _SMALL and x.device.type == "cpu":
+    if (memo is not None and delta.numel() <= _SMALL and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()):  # an eager shortcut: dynamo cannot trace id(delta)
         return _rotate_small(x, delta, inv_freq, layout, memo)
     if x.shape[2] > _CHUNK:  # fp32 temporaries per chunk, not per sequence: a 16k bf16 prefill would
         out = torch.empty_like(x)  # otherwise hold ~8 query-sized fp32 tensors at once
@@ -88,18 +89,22 @@ def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str,
                   memo: dict) -> torch.Tensor:
     """``rotate_by`` as ``x @ M`` with ``M`` (per row and position) the rotation of the identity, built once
-    per forward and delta. Rotations are linear, so this is the same map; only the rounding order differs."""
+    per forward and delta. Rotations are linear, so this is the same map; only the rounding order differs.
+
+    The memo is keyed by the delta *tensor* (callers share one per forward: the query delta, a cache's key
+    delta), never by its values: reading them would stop the host until the device caught up, every layer.
+    The entry keeps the delta alive, so its id cannot be reused by another tensor during the forward."""
     work = torch.promote_types(x.dtype, torch.float32)
     dim = x.shape[-1]
-    values = (delta.item(),) if delta.numel() == 1 else tuple(delta.flatten().tolist())
-    key = ("rotation", x.device, inv_freq.data_ptr(), inv_freq._version, layout, dim, work,
-           tuple(delta.shape), values)
-    mat = memo.get(key)
-    if mat is None:
-        basis = (torch.eye(dim, dtype=work).expand(delta.shape[0], dim, dim)[:, :, None, :]
+    key = ("rotation", id(delta), delta._version, x.device, inv_freq.data_ptr(), inv_freq._version, layout,
+           dim, work)
+    entry = memo.get(key)
+    if entry is None or entry[0] is not delta:
+        basis = (torch.eye(dim, dtype=work, device=x.device).expand(delta.shape[0], dim, dim)[:, :, None, :]
                  .expand(-1, -1, delta.shape[1], -1))
         mat = rotate_by(basis, delta, inv_freq, layout)  # (B, D, T, D): row c is e_c rotated
-        mat = memo[key] = mat[0, :, 0] if delta.numel() == 1 else mat
+        entry = memo[key] = (delta, mat[0, :, 0] if delta.numel() == 1 else mat)
+    mat = entry[1]
     xw = x if x.dtype == work else x.to(work)
     out = xw @ mat if delta.numel() == 1 else torch.einsum("bhtc,bctd->bhtd", xw, mat)
     return out if out.dtype == x.dtype else out.to(x.dtype)

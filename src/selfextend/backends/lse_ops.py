@@ -74,8 +74,8 @@ class CpuOps:
 
     @staticmethod
     def merge_(out_a, lse_a, out_b, lse_b) -> None:
-        if out_a.shape[-2] == 1:  # a decode step: one fused lerp, no chunk loop
-            w = torch.sigmoid(_finite_or_empty(lse_a) - _finite_or_empty(lse_b)).nan_to_num_(0.0)
+        if out_a.shape[-2] == 1:  # a decode step: one fused lerp, no chunk loop (CPU lse is never +inf)
+            w = torch.sigmoid(lse_a - lse_b).nan_to_num_(0.0)
             out_a.copy_(torch.lerp(out_b.to(torch.float32), out_a.to(torch.float32), w[..., None]))
             return
         merge_into_torch(out_a, lse_a, out_b, lse_b)

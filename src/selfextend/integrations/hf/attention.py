@@ -17,7 +17,7 @@ padding mask plus the arguments transformers would have used, so that
   would have built, which makes them bit-identical to vanilla.
 
 Positions come from the ``position_ids`` that transformers passes to the attention function (the ones
-RoPE used); key positions are rebuilt from them and the padding mask (``positions.absolute_key_positions``).
+RoPE used); key positions are rebuilt from them and the padding mask (``positions.key_positions_unchecked``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ...positions import absolute_key_positions
+from ...positions import POSITION_IDS_ERROR, key_positions_unchecked
 from ...rope import rotate_by
 from .model_info import check_model, disable_global_sliding_window, inv_freq_getter
 
@@ -47,11 +47,24 @@ LAYER_ATTR = "selfextend_layer"  # set on every attention module while a remappi
 
 
 @dataclass
+class PositionFacts:
+    """Per forward and device: what every layer needs to know about positions (``MaskSpec.facts``)."""
+
+    key_valid: torch.Tensor | None  # (B, kv_len) bool, None when no written key is padding
+    key_pos: torch.Tensor  # (B, kv_len) long
+    max_pos: int  # the largest query position
+    consistent: bool  # position_ids count the non-padding tokens
+
+
+@dataclass
 class MaskSpec:
     """What transformers' mask creation was asked for, kept lazy (see module docstring)."""
 
     kwargs: dict[str, Any]
     _materialized: dict[Any, Any] = field(default_factory=dict)  # per forward: masks, positions, rotations
+    # generate() builds the mask ahead for a static cache and the model passes it back to its mask creation:
+    # not 2D there (left as is), and ``lazy_mask`` unwraps it
+    ndim: ClassVar[int] = 4
 
     @property
     def is_plain_causal(self) -> bool:
@@ -62,8 +75,9 @@ class MaskSpec:
         """Index in the key tensor of the first query."""
         return int(self.kwargs.get("q_offset", 0)) - int(self.kwargs.get("kv_offset", 0))
 
-    def key_valid(self, kv_len: int, device: torch.device | None = None) -> torch.Tensor | None:
-        """(B, kv_len) bool padding mask on ``device``, or None when nothing is padded."""
+    def padding_mask(self, kv_len: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """(B, kv_len) bool mask on ``device`` (False: padding, or a static cache's empty slot), or None when
+        the model passed no mask. Nothing is read back to the host."""
         mask = self.kwargs.get("attention_mask")
         if mask is None:
             return None
@@ -71,17 +85,25 @@ class MaskSpec:
         mask = mask[:, start : start + kv_len].to(device=device, dtype=torch.bool)
         if mask.shape[1] < kv_len:  # static cache: slots past the mask are empty
             mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[1]), value=False)
-        return None if bool(mask.all()) else mask
+        return mask
 
-    def positions(self, query_pos: torch.Tensor, q_start: int, kv_len: int):
-        """``(key_valid, key_pos)`` for this forward on ``query_pos``'s device, cached: every layer of a
-        forward on that device shares them (a model split over devices gets one copy per device)."""
+    def facts(self, query_pos: torch.Tensor, q_start: int, kv_len: int, written: int) -> PositionFacts:
+        """This forward's positions on ``query_pos``'s device, computed once for every layer, with a single
+        read back to the host for all that the host must decide on (is anything padded among the written
+        keys, are the ``position_ids`` consistent, the largest position): a decode step on a GPU then
+        waits for the device once, as vanilla's own padding check does, not once per question."""
 
         def compute():
-            key_valid = self.key_valid(kv_len, query_pos.device)
-            return key_valid, absolute_key_positions(query_pos, key_valid, q_start, kv_len)[0]
+            mask = self.padding_mask(kv_len, query_pos.device)
+            key_pos, _, consistent = key_positions_unchecked(query_pos, mask, q_start, kv_len)
+            flags = [consistent.long(), query_pos.max()]
+            if mask is not None:
+                flags.append(mask[:, :written].all().long())
+            host = torch.stack(flags).tolist()  # the forward's one device-to-host read
+            key_valid = mask if mask is not None and not host[2] else None
+            return PositionFacts(key_valid, key_pos, int(host[1]), bool(host[0]))
 
-        return self.memo((q_start, kv_len, query_pos.device), compute)  # one spec per forward
+        return self.memo(("facts", q_start, kv_len, written, query_pos.device), compute)
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per forward: every layer of a forward shares its positions and deltas, and a
@@ -104,6 +126,10 @@ class MaskSpec:
 
 def lazy_mask(**kwargs) -> MaskSpec:
     """The mask function every remapping method registers: defer the mask, keep what it was asked for."""
+    if isinstance(kwargs.get("attention_mask"), MaskSpec):  # built ahead by generate(): its 2D mask
+        kwargs["attention_mask"] = kwargs["attention_mask"].kwargs.get("attention_mask")
+    if isinstance(kwargs.get("q_offset"), torch.Tensor):  # a static cache's length: layer 0 adds to it
+        kwargs["q_offset"] = kwargs["q_offset"].clone()
     return MaskSpec(kwargs)
 
 
@@ -174,24 +200,32 @@ class AttentionCall:
         self.given_scaling = scaling
         self.kv_len = key.shape[2]
         bsz, q_len = query.shape[0], query.shape[2]
-        self.q_start, self.query_pos, self.max_pos = self.per_forward(
+        self.q_start, self.query_pos = self.per_forward(
             ("query", bsz, q_len, self.kv_len, query.device), self._query_positions)
         self.written = self.q_start + q_len  # keys [0, written) hold real tokens (a static cache has more)
+        self.facts = self._facts()
+        self.max_pos = self.facts.max_pos
 
     def per_forward(self, key: Any, compute: Callable[[], Any]) -> Any:
         return self.spec.memo(key, compute) if self.spec is not None else compute()
 
-    def _query_positions(self) -> tuple[int, torch.Tensor, int]:
-        """``(q_start, query_pos, max position)``: where the queries sit in the key tensor, and their
-        (B, q_len) RoPE positions (the ``position_ids`` RoPE used, or consecutive positions when the model
-        passed none)."""
+    def _query_positions(self) -> tuple[int, torch.Tensor]:
+        """``(q_start, query_pos)``: where the queries sit in the key tensor, and their (B, q_len) RoPE
+        positions (the ``position_ids`` RoPE used, or consecutive positions when the model passed none)."""
         bsz, _, q_len, _ = self.query.shape
         q_start = self.spec.q_start if self.spec is not None else self.kv_len - q_len
         position_ids = self.kwargs.get("position_ids")
         if position_ids is None:
             position_ids = (q_start + torch.arange(q_len, device=self.query.device))[None]
         query_pos = position_ids.to(self.query.device).expand(bsz, q_len).long()
-        return q_start, query_pos, int(query_pos.max())
+        return q_start, query_pos
+
+    def _facts(self) -> PositionFacts:
+        if self.spec is not None:
+            return self.spec.facts(self.query_pos, self.q_start, self.kv_len, self.written)
+        key_pos, _, consistent = key_positions_unchecked(self.query_pos, None, self.q_start, self.kv_len)
+        host = torch.stack([consistent.long(), self.query_pos.max()]).tolist()
+        return PositionFacts(None, key_pos, int(host[1]), bool(host[0]))
 
     def vanilla(self) -> tuple[torch.Tensor, Any]:
         """The model's original attention with exactly the mask it would have built."""
@@ -216,9 +250,9 @@ class AttentionCall:
                 f"{label} needs the 2D attention_mask (batch, length); got a prepared 4D mask. "
                 "Pass attention_mask as returned by the tokenizer."
             )
-        if self.spec is not None:  # the same for every layer of this forward: computed once
-            return self.spec.positions(self.query_pos, self.q_start, self.kv_len)
-        return None, absolute_key_positions(self.query_pos, None, self.q_start, self.kv_len)[0]
+        if not self.facts.consistent:
+            raise ValueError(POSITION_IDS_ERROR)
+        return self.facts.key_valid, self.facts.key_pos
 
     def backend_inputs(self, key_valid: torch.Tensor | None, key_pos: torch.Tensor) -> dict[str, Any]:
         """The fields every method's backend inputs share (``backends/base.py``): keys cut to the written

@@ -122,6 +122,7 @@ class GroupedCache:
         self._pending_pos: torch.Tensor | None = None
         self._seen: weakref.WeakSet = weakref.WeakSet()
         self._rotate: dict[int, Rotate] = {}
+        self._deltas: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per forward: shared key deltas
         self._signature = inspect.signature(base_model.forward)
         self._hooks = [
             base_model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -138,7 +139,7 @@ class GroupedCache:
                           None)
         use_cache = bound.get("use_cache")
         self.use_cache = bool(getattr(module.config, "use_cache", True) if use_cache is None else use_cache)
-        self._pending, self._pending_pos = {}, None
+        self._pending, self._pending_pos, self._deltas = {}, None, {}
 
     def _after(self, module, args, output) -> None:
         """A cache the model created inside this call (a prefill with none passed in) becomes visible now:
@@ -150,7 +151,7 @@ class GroupedCache:
                 stored = self._stored(layer_idx)
                 if stored is not None and stored.data_ptr() == ptr:
                     self._record(layer_idx, count, group_size, self._pending_pos, rotate)
-        self.cache, self.use_cache, self._pending, self._pending_pos = None, False, {}, None
+        self.cache, self.use_cache, self._pending, self._pending_pos, self._deltas = None, False, {}, None, {}
 
     def _stored(self, layer_idx: int | None) -> torch.Tensor | None:
         layers = getattr(self.cache, "layers", None)
@@ -245,13 +246,22 @@ class GroupedCache:
                 copied = max(count, min(target, written - window))
                 key[:, :, count:copied] = grouped[:, :, count:copied]
             key[:, :, copied:target] = rotate(key[:, :, copied:target],
-                                              _delta(key_pos[:, copied:target], group_size))
+                                              self._shared_delta(key_pos, copied, target, group_size))
             count = target
         if visible:
             self._record(layer_idx, count, group_size, key_pos, restore_with)
         else:
             self._pending[layer_idx] = (count, group_size, key.data_ptr(), restore_with)
             self._pending_pos = key_pos
+
+    def _shared_delta(self, key_pos: torch.Tensor, start: int, end: int, group_size: int) -> torch.Tensor:
+        """``_delta`` of keys ``[start, end)``, one tensor for every layer of a forward (they share
+        ``key_pos``), so the rotation memo that a decode step uses is built once, not once per layer."""
+        key = (id(key_pos), start, end, group_size)
+        entry = self._deltas.get(key)
+        if entry is None or entry[0] is not key_pos:
+            entry = self._deltas[key] = (key_pos, _delta(key_pos[:, start:end], group_size))
+        return entry[1]
 
     def close(self) -> None:
         """Remove the hooks and rotate every cache this model grouped back to true positions."""
