@@ -5,7 +5,7 @@ one cache block can serve a request that reads it as neighbors and another that 
 (prefix caching), and chunked prefill, preemption and recompute stay valid untouched. Each call gathers a
 request's keys through its block table (memory linear in its length), moves queries and keys to the method's
 positions by delta rotations, and hands them to a backend of ``selfextend.backends`` (one softmax, no
-``L x L`` matrix with the blockwise ``cpu`` backend).
+``L x L`` matrix with the composed backend).
 
 A delta depends only on a position, so its cos/sin rows are computed once per engine (``RotationTable``) and
 read by every layer, request and decode step: a decode step rotates its keys with a lookup, not trigonometry.
