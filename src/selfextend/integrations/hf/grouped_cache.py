@@ -257,6 +257,8 @@ class GroupedCache:
     def _shared_delta(self, key_pos: torch.Tensor, start: int, end: int, group_size: int) -> torch.Tensor:
         """``_delta`` of keys ``[start, end)``, one tensor for every layer of a forward (they share
         ``key_pos``), so the rotation memo that a decode step uses is built once, not once per layer."""
+        if torch.compiler.is_compiling():  # an eager saving: under dynamo an id() guard recompiles every step
+            return _delta(key_pos[:, start:end], group_size)
         key = (id(key_pos), start, end, group_size)
         entry = self._deltas.get(key)
         if entry is None or entry[0] is not key_pos:

@@ -70,7 +70,8 @@ class SelfExtendAttention(AttentionIntegration):
         grouped_key = keeper.grouped_keys(layer_idx, key, key_pos, written, call.q_start, W, G, contiguous,
                                           call.rotate)
         inputs = SelfExtendInputs(query=query, grouped_query=grouped_query, grouped_key=grouped_key, window=W,
-                                  ends_contiguous=contiguous or None, **call.backend_inputs(key_valid, key_pos))
+                                  ends_contiguous=contiguous or None,
+                                  **call.backend_inputs(key_valid, key_pos))
         out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
         keeper.commit(layer_idx, key, grouped_key, key_pos, written, W, G, contiguous, call.rotate,
                       restore_with=call.layer.rotate)
