@@ -101,3 +101,31 @@ def test_merge_in_place_in_the_layers_layout(merge, dtype):
     assert (out_a.float() - expected).abs().max() <= tol
     # no keys in pass a: pass b alone (within one rounding: the interpreter truncates to bf16)
     assert (out_a[0, 0, :5].float() - out_b[0, 0, :5]).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dim", [128, 256])
+@pytest.mark.parametrize("q_len", [None, 33, 1])
+def test_head_dims_and_left_padding(dim, q_len):
+    """Head dims 128/256 and a left-padded batch (each row's real tokens sliced, so kernels never see a
+    mask) on the CUDA code path, in fp16."""
+    valid = torch.ones(2, 150, dtype=torch.bool)
+    valid[1, :41] = False
+    backend, _ = composed()
+    inp = make_inputs(2, 4, 2, 150, dim, 16, 4, q_len=q_len, key_valid=valid, dtype=torch.float16)
+    assert backend.supports(inp) is None
+    real = valid[:, inp.q_start :, None, None].transpose(1, 2)
+    err = ((backend.forward(inp).float() - reference(inp).float()) * real).abs().max()
+    assert err < 5e-3
+
+
+@pytest.mark.parametrize("q_len", [None, 30, 1])
+def test_dca_runs_on_the_cuda_ops(q_len):
+    from helpers import make_dca_inputs
+
+    backend, aten = composed()
+    inp = make_dca_inputs(1, 4, 2, 140, q_len=q_len, dim=64, cs=48, lw=8, dtype=torch.bfloat16)[0]
+    assert backend.supports(inp) is None
+    aten.calls.clear()
+    out = backend.forward(inp)
+    assert aten.calls["flash"] > 0
+    assert (out.float() - reference(inp).float()).abs().max() < 0.05
