@@ -1,14 +1,19 @@
 """The vLLM plugin's paged kernel (``backends/triton_paged.py``) on the GPU (part of gpu_check.sh).
 
-    python benchmarks/gpu_paged.py --out OUT/paged.jsonl            # on CUDA
+    python benchmarks/gpu_paged.py --out OUT/paged.jsonl            # on CUDA: correctness, then timing
     python benchmarks/gpu_paged.py --out OUT/paged.jsonl --dry-run  # tiny shapes, Triton's interpreter
+    python benchmarks/gpu_paged.py --parts timing --out OUT/paged_timing.jsonl --budget-s 20
 
 Correctness: a varlen batch (a prefill, a chunk after cached tokens, decode steps) in a scrambled paged cache,
 bf16/fp16/fp32, against the fp64 oracle with ``gpu_kernels.py``'s pass rule (at most twice the error of the
-oracle computed in the same low precision, plus half an ulp of the output scale). Timing (CUDA only, bf16,
-Llama-3-8B attention shapes, pages of 16): decode steps of ``--batch`` requests at ``--context`` tokens and
-one ``--context`` prefill, the paged kernel against the gather path (each request's K/V gathered, then the
-contiguous Triton kernel) and against SDPA on contiguous K/V (vanilla attention, no paging: a lower bound).
+oracle computed in the same low precision, plus half an ulp of the output scale); the oracle runs in fp64 on
+the kernel's device. Timing (CUDA only, bf16, Llama-3-8B attention shapes, pages of 16): decode steps of
+``--batch`` requests at ``--context`` tokens and one ``--context`` prefill, the paged kernel against the
+gather path (each request's K/V gathered, then the contiguous Triton kernel) and against SDPA on contiguous
+K/V (vanilla attention, no paging: a lower bound). Without CUDA the timing rows say so.
+
+Rows are flushed as written; with ``--budget-s`` what is not reached in time is written as
+``{"status": "skipped", "skipped": "out of time"}`` rows and the exit code stays 0 (1 only if a case fails).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from budget import Budget, open_rows, skipped, write_row  # benchmarks/ is on sys.path when a script runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from reference import rope, selfextend_attention_ref  # noqa: E402  (shares no code with the library)
+import reference  # noqa: E402  (shares no code with the library)
+from reference import rope, selfextend_attention_ref  # noqa: E402
 
 
 def paged(seq_lens, q_lens, heads, kv_heads, dim, page, device, dtype, seed=0):
@@ -60,7 +67,7 @@ def paged(seq_lens, q_lens, heads, kv_heads, dim, page, device, dtype, seed=0):
     return requests, batch, inv_freq
 
 
-def correctness(device, dtypes, shapes, out) -> tuple[int, int]:
+def correctness(device, dtypes, shapes, out, budget: Budget) -> tuple[int, int]:
     from selfextend.config import SelfExtendConfig
     from selfextend.integrations.vllm.paged import PagedSelfExtend
 
@@ -70,35 +77,39 @@ def correctness(device, dtypes, shapes, out) -> tuple[int, int]:
         for window, group in ((64, 4), (37, 3)) if device == "cuda" else ((16, 4),):
             exact = rounded = None
             for dtype in dtypes:
+                ids = {"part": "correctness", "device": device, "dtype": str(dtype)[6:], "heads": heads,
+                       "kv_heads": kv_heads, "dim": dim, "window": window, "group": group,
+                       "seq_lens": seq_lens, "q_lens": q_lens}
+                if not budget.allows():
+                    write_row(out, skipped(ids))
+                    continue
                 requests, batch, inv_freq = paged(seq_lens, q_lens, heads, kv_heads, dim, 16, device, dtype)
+                requests = [tuple(t.to(device) for t in r) for r in requests]  # the oracle runs there too
                 method = PagedSelfExtend(SelfExtendConfig(group, window, 1 << 20), inv_freq.to(device))
                 got = method.attend_paged(*batch, dim ** -0.5, max_query_len=max(q_lens),
                                           max_seq_len=max(seq_lens)).double().cpu()
                 if exact is None:
-                    exact = torch.cat([ref(q, k, v, m, window, group, inv_freq, None)
-                                       for (q, k, v), m in zip(requests, q_lens, strict=True)])
+                    exact = torch.cat([ref(q, k, v, m, window, group, inv_freq.to(device), None)
+                                       for (q, k, v), m in zip(requests, q_lens, strict=True)]).cpu()
                 scale = float(exact.abs().max())
                 if dtype == torch.float32:
                     bar = 1e-5 * max(1.0, scale)
                 else:
-                    rounded = torch.cat([ref(q, k, v, m, window, group, inv_freq, dtype)
-                                         for (q, k, v), m in zip(requests, q_lens, strict=True)])
+                    rounded = torch.cat([ref(q, k, v, m, window, group, inv_freq.to(device), dtype)
+                                         for (q, k, v), m in zip(requests, q_lens, strict=True)]).cpu()
                     low = float((rounded - exact).abs().max())
                     bar = 2 * low + 0.5 * torch.finfo(dtype).eps * max(1, scale)
                 err = float((got - exact).abs().max())
                 ok = err <= bar
                 failures += not ok
                 total += 1
-                out.write(json.dumps({"part": "correctness", "device": device, "dtype": str(dtype)[6:],
-                                      "heads": heads, "kv_heads": kv_heads, "dim": dim, "window": window,
-                                      "group": group, "seq_lens": seq_lens, "q_lens": q_lens, "error": err,
-                                      "bar": bar, "status": "pass" if ok else "FAIL"}) + "\n")
+                write_row(out, {**ids, "error": err, "bar": bar, "status": "pass" if ok else "FAIL"})
     return failures, total
 
 
 def ref(q, k, v, q_len, window, group, inv_freq, precision):
     n = k.shape[2]
-    pos = torch.arange(n)[None]
+    pos = torch.arange(n, device=k.device)[None]
     kw = {} if precision is None else {"precision": precision}
     out = selfextend_attention_ref(q, k, v, pos[:, n - q_len :], pos, window, group, inv_freq,
                                    q.shape[-1] ** -0.5, **kw)
@@ -115,12 +126,17 @@ def cuda_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) * 1000 / reps
 
 
-def timing(args, out) -> None:
+def timing(args, out, budget: Budget) -> None:
     n = args.context
     for label, seq_lens, q_lens in (("decode", [n] * args.batch, [1] * args.batch), ("prefill", [n], [n])):
-        row = time_case(label, seq_lens, q_lens, args.group)
-        out.write(json.dumps(row) + "\n")
-        out.flush()
+        ids = {"part": "timing", "case": label, "batch": len(seq_lens), "context": n, "group": args.group}
+        if not torch.cuda.is_available():
+            row = skipped(ids, "needs CUDA")
+        elif not budget.allows(5):  # a case: inputs, a compile of the gather path's kernel, 20 + 3 calls
+            row = skipped(ids)
+        else:
+            row = time_case(label, seq_lens, q_lens, args.group)
+        write_row(out, row)
         print(json.dumps(row))
 
 
@@ -179,26 +195,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes under Triton's interpreter")
+    parser.add_argument("--parts", default="correctness,timing", help="correctness, timing or both")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds from the process's start; "
+                        "what is not reached by then is written as skipped rows")
     args = parser.parse_args()
+    budget = Budget(args.budget_s)
+    parts = args.parts.split(",")
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
     elif not torch.cuda.is_available():
         print("no CUDA device: use --dry-run", file=sys.stderr)
         return 2
     device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda":
+        reference._PAIR_ELEMENTS = 1 << 26  # 512 MiB of fp64 pairs a step: a few steps per case on a GPU
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
     if args.dry_run:
         dtypes = [torch.float32, torch.float16]  # the interpreter has no bf16 arithmetic
     shapes = [(4, 2, 64)] if args.dry_run else [(4, 2, 64), (32, 8, 128)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as out:
-        failures, total = correctness(device, dtypes, shapes, out)
-        print(f"paged: {total - failures}/{total} cases within rounding of the fp64 oracle ({args.out})")
-        if not args.dry_run:
-            timing(args, out)
+    failures = 0
+    with open_rows(args.out) as out:
+        if "correctness" in parts:
+            failures, total = correctness(device, dtypes, shapes, out, budget)
+            print(f"paged: {total - failures}/{total} cases within rounding of the fp64 oracle ({args.out}, "
+                  f"{budget.elapsed():.0f} s)")
+        if "timing" in parts:
+            timing(args, out, budget)
     return 1 if failures else 0
 
 

@@ -87,6 +87,37 @@ def _paged_tile(
 
 
 @triton.jit
+def _paged_tiles(
+    lo, hi, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end, causal_lim,
+    WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
+    KIND: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The key tiles ``lo, lo + BLOCK_N, ... < hi`` of one class, in order.
+
+    Compiled, a ``range`` loop (Triton software-pipelines ``for`` loops only, not ``while``). Interpreted
+    (``TRITON_INTERPRET=1``), a ``while`` loop over the same tiles: Triton 3.6's interpreter turns a tensor
+    ``range`` bound into a Python int with ``int()`` of a 1-element array, which recent numpy refuses
+    (2.4.6: "only 0-dimensional arrays can be converted to Python scalars"; deprecated since numpy 1.25);
+    3.9's interpreter squeezes the array first. The compiled kernel is unchanged (same PTX instructions)."""
+    if _INTERPRETED:
+        start_n = lo
+        while start_n < hi:
+            acc, m_i, l_i = _paged_tile(
+                acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
+                causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
+                KIND, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _paged_tile(
+                acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
+                causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
+                KIND, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _paged_selfextend_fwd(
     Q, QG, K, V, BT, SEQ, QSL, COS, SIN, OUT, LSE,
     s_qt, s_qh, s_gqt, s_gqh, s_ot, s_oh,
@@ -144,21 +175,18 @@ def _paged_selfextend_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM_V], 0.0, tl.float32)
-    for start_n in range(start, g_hi, BLOCK_N):
-        acc, m_i, l_i = _paged_tile(
-            acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
-            causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-            _GROUPED, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
-    for start_n in range(g_hi, n_lo, BLOCK_N):
-        acc, m_i, l_i = _paged_tile(
-            acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
-            causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-            _BOUNDARY, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
-    for start_n in range(n_lo, end, BLOCK_N):
-        acc, m_i, l_i = _paged_tile(
-            acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
-            causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-            _NEIGHBOR, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
+    acc, m_i, l_i = _paged_tiles(
+        start, g_hi, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end,
+        causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
+        _GROUPED, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
+    acc, m_i, l_i = _paged_tiles(
+        g_hi, n_lo, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end,
+        causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
+        _BOUNDARY, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
+    acc, m_i, l_i = _paged_tiles(
+        n_lo, end, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end,
+        causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
+        _NEIGHBOR, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -172,6 +200,11 @@ def _paged_selfextend_fwd(
     else:
         o_rows = OUT + tok * s_ot + hq * s_oh
         tl.store(o_rows[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Read by ``_paged_tiles`` when it runs or compiles: whether ``triton.jit`` built these kernels for Triton's
+# interpreter (``TRITON_INTERPRET=1`` when this module was imported).
+_INTERPRETED = tl.constexpr(type(_paged_selfextend_fwd).__name__ == "InterpretedFunction")
 
 
 def paged_selfextend_attention(
