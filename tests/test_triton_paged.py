@@ -192,3 +192,54 @@ def test_padded_request_arrays_are_read_by_query_start_loc():
     got = method.attend_paged(query, kc, vc, padded_table, padded_lens, starts, D ** -0.5, max_query_len=60,
                               max_seq_len=60)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
+def test_gpu_batch_split_decode_paged_prefill_composed(monkeypatch, dtype):
+    """``engine.attend_gpu_batch``, the plugin's CUDA path: in a mixed batch the decode requests run as one
+    packed sub-batch of the paged kernel and the prefill/chunk requests are gathered and run on the composed
+    backend's CUDA ops (here their CPU stand-ins), each equal to the fp64 oracle; seq_lens and the block table
+    padded past the batch, as vLLM pads them, change nothing; a decode-only batch reads nothing back."""
+    from types import SimpleNamespace
+
+    from standins import AtenStandins
+
+    from selfextend.backends import composed, lse_ops
+    from selfextend.integrations.vllm.engine import attend_gpu_batch
+
+    ops = lse_ops.CudaOps(aten=AtenStandins(), merge=lse_ops.merge_into_torch)
+    ops.dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    monkeypatch.setattr(composed, "ops_for", lambda tensor: ops)
+    method = PagedSelfExtend(SelfExtendConfig(group_size=4, window=24, trained_length=64), INV_FREQ)
+    seq_lens, q_lens = [90, 130, 57, 200], [1, 40, 1, 200]  # decode, chunk after 90 cached, decode, prefill
+    requests, query, key_cache, value_cache, table, lens, starts = paged_batch(seq_lens, q_lens, dtype=dtype)
+    heads, n = query.shape[1], query.shape[0]
+    pad_lens = torch.cat([lens, torch.zeros(3, dtype=lens.dtype)])  # vLLM pads per-request arrays
+    pad_table = torch.cat([table, torch.zeros(3, table.shape[1], dtype=table.dtype)])
+    meta = SimpleNamespace(num_actual_tokens=n, query_start_loc=starts, seq_lens=pad_lens,
+                           block_table=pad_table, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    output = torch.zeros(n + 5, heads * D, dtype=dtype)  # padded past the real tokens
+    assert ops.supports(query[None].transpose(1, 2), value_cache.transpose(0, 2), None) is None  # probed
+    ops.aten.calls.clear()
+    attend_gpu_batch(method, query, key_cache, value_cache, meta, output, heads, D, D ** -0.5)
+    assert ops.aten.calls["cudnn"] == 1 and ops.aten.calls["flash-window"] == 2  # prefill; prefill + chunk
+    out = output[:n].view(n, heads, D)
+    tol = 2e-5 if dtype == torch.float32 else 0.02
+    for r, (q, k, v, _) in enumerate(requests):
+        expected = oracle_rows(q, k, v, seq_lens[r], q_lens[r], 4, 24)
+        assert (out[starts[r] : starts[r + 1]].double() - expected).abs().max() < tol, r
+    assert torch.equal(output[n:], torch.zeros_like(output[n:]))
+
+    # decode only: the whole batch in one launch, the same rows as the mixed batch's decode requests
+    requests, query, key_cache, value_cache, table, lens, starts = paged_batch([90, 57], [1, 1], dtype=dtype)
+    meta = SimpleNamespace(num_actual_tokens=2, query_start_loc=starts, seq_lens=lens, block_table=table,
+                           max_query_len=1, max_seq_len=90)
+    output = torch.zeros(2, heads * D, dtype=dtype)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1))
+    attend_gpu_batch(method, query, key_cache, value_cache, meta, output, heads, D, D ** -0.5)
+    monkeypatch.undo()
+    assert not reads
+    for r, (q, k, v, _) in enumerate(requests):
+        expected = oracle_rows(q, k, v, [90, 57][r], 1, 4, 24)[0]
+        assert (output[r].view(heads, D).double() - expected).abs().max() < tol

@@ -4,9 +4,16 @@ config asks for SelfExtend/DCA.
 vLLM writes K/V with its own kernel (the Triton layout ``(num_blocks, heads, block_size, 2 * D)``, K then V
 in the last dim), so only the read side changes. SelfExtend: the whole batch in one launch of the paged
 kernel (``backends/triton_paged.py``: K/V read in place through the block table, grouped key tiles rotated
-in the kernel). DCA, and head dims or dtypes that kernel lacks: each request's K/V gathered through its block
-table, then ``selfextend.backends``. The launch grid and the rotation tables depend on host-side lengths, so
-the builder declares no CUDA-graph support (vLLM then runs these layers eagerly).
+in the kernel) for decode requests; prefill and chunks gathered per request and run on the composed backend
+(FlashAttention-2 band + cuDNN grouped pass, ``engine.attend_gpu_batch``). DCA, and head dims or dtypes that
+kernel lacks: each request's K/V gathered through its block table, then ``selfextend.backends``.
+
+CUDA graphs: the builder declares none, so vLLM runs these layers eagerly. A captured decode step must
+replay with no allocation and a fixed launch: here the rotation tables grow on demand (an allocation when a
+request passes the table's length), the paged kernel's split count follows ``max_seq_len`` (a host value
+that changes between steps), and the gathered prefill path reads lengths on the host. Declaring support
+needs tables sized to ``max_model_len`` at start and a split count fixed per captured batch size, then a
+GPU to check that replays equal eager runs.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from .engine import MethodLayer, layer_method
+from .engine import MethodLayer, attend_gpu_batch, layer_method
 from .paged import PagedSelfExtend
 
 logger = logging.getLogger("selfextend")
@@ -55,12 +62,8 @@ class SelfExtendTritonAttentionImpl(MethodLayer, TritonAttentionImpl):
                 logger.warning("selfextend: paged kernel off (%s): gathering each request's K/V", reason)
                 self._said_why = True
             return super().attend(query, key_cache, value_cache, metadata, output)
-        n, shape = metadata.num_actual_tokens, (-1, self.num_heads, self.head_size)
-        method.attend_paged(query[:n].view(shape), key_cache, value_cache, metadata.block_table,
-                            metadata.seq_lens, metadata.query_start_loc, self.scale,
-                            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
-                            out=output[:n].view(shape))
-        return output
+        return attend_gpu_batch(method, query, key_cache, value_cache, metadata, output, self.num_heads,
+                                self.head_size, self.scale)
 
 
 class SelfExtendTritonMetadataBuilder(TritonAttentionMetadataBuilder):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .paged import PagedMethod, gather, method_for
+from .paged import PagedMethod, PagedSelfExtend, gather, method_for
 from .settings import Settings, original_length, refusal, resolve
 
 logger = logging.getLogger("selfextend")
@@ -63,17 +63,19 @@ def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, sof
 
 def attend_requests(method: PagedMethod, query: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, metadata, output: torch.Tensor, num_heads: int, head_size: int,
-                    scale: float) -> torch.Tensor:
-    """Every request of a batch, one at a time: its queries against all its keys, gathered from the paged
-    caches ``(num_blocks, kv_heads, block_size, D)`` through its row of the block table. ``metadata`` needs
-    ``num_actual_tokens``, ``query_start_loc``, ``seq_lens`` and ``block_table`` (vLLM's CPU and Triton
-    metadata both have them)."""
+                    scale: float, requests: list[int] | None = None) -> torch.Tensor:
+    """Every request of a batch (or those listed in ``requests``), one at a time: its queries against all its
+    keys, gathered from the paged caches ``(num_blocks, kv_heads, block_size, D)`` through its row of the
+    block table, then a backend of ``selfextend.backends`` (on CUDA the composed backend: FlashAttention-2
+    and cuDNN). ``metadata`` needs ``num_actual_tokens``, ``query_start_loc``, ``seq_lens`` and
+    ``block_table`` (vLLM's CPU and Triton metadata both have them). The gathered K/V and grouped keys are
+    one request's, one layer's: freed when the request is done."""
     n = metadata.num_actual_tokens
     out = output[:n].view(n, num_heads, head_size)
     starts = metadata.query_start_loc.tolist()
     lengths = metadata.seq_lens.tolist()
     block_size = key_cache.shape[2]
-    for r in range(len(starts) - 1):
+    for r in range(len(starts) - 1) if requests is None else requests:
         q0, q1, seq_len = starts[r], starts[r + 1], lengths[r]
         if q1 == q0:
             continue
@@ -81,6 +83,38 @@ def attend_requests(method: PagedMethod, query: torch.Tensor, key_cache: torch.T
         out[q0:q1] = method.attend(query[q0:q1], gather(key_cache, blocks, seq_len),
                                    gather(value_cache, blocks, seq_len), scale).to(out.dtype)
     return output
+
+
+def attend_gpu_batch(method: PagedSelfExtend, query: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, metadata, output: torch.Tensor, num_heads: int,
+                     head_size: int, scale: float) -> torch.Tensor:
+    """SelfExtend on a GPU batch: decode requests (one query token) in one launch of the paged kernel, which
+    reads keys in place and rotates grouped tiles itself (memory-bound, no gather); requests with more query
+    tokens (prefill, chunks) gathered and run on the composed backend, whose two passes run at the speed of
+    the GPU's own attention kernels where the paged kernel (a hand-written attention) is several times slower
+    on a long prefill. A decode-only batch reads nothing back to the host."""
+    n, shape = metadata.num_actual_tokens, (-1, num_heads, head_size)
+    if metadata.max_query_len <= 1:
+        method.attend_paged(query[:n].view(shape), key_cache, value_cache, metadata.block_table,
+                            metadata.seq_lens, metadata.query_start_loc, scale,
+                            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+                            out=output[:n].view(shape))
+        return output
+    starts = metadata.query_start_loc.tolist()
+    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    decode = [r for r, q in enumerate(q_lens) if q == 1]
+    if decode:  # the decode requests as one packed sub-batch
+        device = query.device
+        rows = torch.tensor(decode, device=device)
+        tokens = torch.tensor([starts[r] for r in decode], device=device)
+        seq_lens = metadata.seq_lens[rows]
+        sub = method.attend_paged(query.view(shape)[tokens], key_cache, value_cache,
+                                  metadata.block_table[rows], seq_lens,
+                                  torch.arange(len(decode) + 1, device=device, dtype=torch.int32), scale,
+                                  max_query_len=1, max_seq_len=metadata.max_seq_len)
+        output.view(shape)[tokens] = sub.to(output.dtype)
+    return attend_requests(method, query, key_cache, value_cache, metadata, output, num_heads, head_size,
+                           scale, requests=[r for r, q in enumerate(q_lens) if q > 1])
 
 
 class MethodLayer:
