@@ -129,3 +129,25 @@ def test_dca_runs_on_the_cuda_ops(q_len):
     out = backend.forward(inp)
     assert aten.calls["flash"] > 0
     assert (out.float() - reference(inp).float()).abs().max() < 0.05
+
+
+def test_cudnn_refusing_a_call_falls_back_for_good(caplog):
+    """The probe runs on contiguous tensors; a real call with a layout cuDNN refuses must not fail the
+    forward: FlashAttention takes that call and every later one."""
+
+    class Picky(AtenStandins):
+        def _scaled_dot_product_cudnn_attention(self, query, *args, **kwargs):
+            if not query.is_contiguous():
+                raise RuntimeError("cuDNN Frontend error: stride not supported")
+            return super()._scaled_dot_product_cudnn_attention(query, *args, **kwargs)
+
+    backend, aten = composed(Picky())
+    inp = make_inputs(1, 4, 2, 120, 64, 16, 4, dtype=torch.float16)
+    inp.grouped_query = inp.grouped_query.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) storage
+    assert backend.supports(inp) is None
+    out = backend.forward(inp)
+    assert "cuDNN attention refused a call" in caplog.text
+    assert (out.float() - reference(inp).float()).abs().max() < 0.05
+    aten.calls.clear()
+    backend.forward(inp)
+    assert "cudnn" not in aten.calls

@@ -152,9 +152,15 @@ class CudaOps:
 
     def causal(self, q, k, v, scale, softcap=None):
         if q.shape[2] == k.shape[2] and q.shape[2] > 1 and self._use_cudnn(q, k):
-            out, lse = self.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
-            return out, lse.reshape(lse.shape[:3])  # cuDNN's lse is (B, H, T, 1)
+            try:
+                out, lse = self.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
+                return out, lse.reshape(lse.shape[:3])  # cuDNN's lse is (B, H, T, 1)
+            except RuntimeError as err:  # the probe's tensors were contiguous; a layout it refuses lands here
+                key = ("cudnn", q.dtype, q.shape[-1], q.shape[1] != k.shape[1], str(q.device))
+                self._probed[key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                logger.warning("selfextend: cuDNN attention refused a call (%s); FlashAttention from now on",
+                               self._probed[key])
         return self._flash(q, k, v, scale, causal=True)
 
     def band(self, q, k, v, window, scale, softcap=None):
