@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issues 19 and 26): correctness first (every backend against the fp64 oracle,
-# layers split between cuda:0 and the CPU, the vLLM plugin's paged kernel), then timings (attention at
-# 32k-128k, a 4-layer Llama-3-8B-shaped model at 32k, the paged kernel), then a summary of issue 26's
-# "Must reach" ratios (benchmarks/gpu_summary.py). Everything lands in OUT as JSONL (every row flushed as
-# it is written) plus gpu_check.log and summary.json.
+# The one prepared GPU check (issues 19, 26 and 27): correctness first (every backend against the fp64
+# oracle, layers split between cuda:0 and the CPU, the vLLM plugin's paged kernel), then timings (attention at
+# 32k-128k, a 4-layer Llama-3-8B-shaped model at 32k, the vLLM plugin's GPU path), then a summary of issue
+# 26's and issue 27's "Must reach" ratios (benchmarks/gpu_summary.py). Everything lands in OUT as JSONL
+# (every row flushed as it is written) plus gpu_check.log and summary.json.
 #
 #   bash benchmarks/gpu_check.sh OUT             # on the GPU machine (H100/H200): within 6 minutes
 #   bash benchmarks/gpu_check.sh OUT --dry-run   # CPU shapes, about a minute (tests/test_gpu_check.py)
@@ -22,7 +22,7 @@
 #                                        the Triton compiles (~1-3 s each) set the pace
 #   paged (correctness)      30     40   12 cases, 6 kernel builds
 #   split                    20     30   4-layer d=64 fp32 model on cuda:0 + CPU (Triton, no Flex compile)
-#   attention                90    105   all in one process, inputs drawn on the GPU: sdpa/composed/triton on
+#   attention                82     97   all in one process, inputs drawn on the GPU: sdpa/composed/triton on
 #                                        32k prefill, 1 and 16 x 32k decode, 64k and 128k prefill, then 64k
 #                                        and 128k decode (5 calls a prefill cell: at 128k SDPA ~0.21 s, Triton
 #                                        ~0.5 s a call; decode cells 20 calls of < 10 ms): ~30 s with imports;
@@ -31,9 +31,15 @@
 #                                        of the 72 s part on 2026-12-04); 2 rounds of vanilla + SelfExtend, 32k
 #                                        prefill + 64 decode steps: round 0 ~20 s with compiles and cuDNN
 #                                        plans, round 1 ~3 s
-#   paged (timing)           20     30   decode 16 x 32k and prefill 32k: paged, gather, SDPA (~5 s + imports)
+#   paged (timing)           28     38   issue 27: decode 16 x 32k, prefill 32k, a 2k chunk after 30k, decode
+#                                        1 x 128k: SDPA on contiguous K/V, the plugin's GPU path (paged kernel
+#                                        for decode, gather + composed otherwise), the paged kernel alone; one
+#                                        layer's gathered K, V, grouped K at 32k and 128k. Each cell < 0.5 s of
+#                                        calls; the paged kernel's compiles (~2 s a variant, 2-4 variants), the
+#                                        composed ops' probes, merge compile and cuDNN plans: ~12 s + imports
 #   summary                   -      5   reads the rows (< 1 s)
 #   sum of budgets          265          every budget used up: ~285 s with header, summary, steps in flight
+#                                        (attention gave 8 s of its flex time to the paged timing part)
 #   sum of limits                  360   the worst case, every part killed at its limit: 6 minutes
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT [--dry-run]}
@@ -76,12 +82,12 @@ else
   part split 30 $py benchmarks/gpu_model.py split --budget-s 20 --out "$out/split.jsonl"
   cells=prefill:32768,decode:32768:1,decode:32768:16,prefill:65536,prefill:131072  # issue 26's targets first
   cells=$cells,decode:65536:1,decode:65536:16,decode:131072:1,decode:131072:16
-  part attention 105 $py benchmarks/bench_attention.py --device cuda --in-process --shapes llama3-8b \
-    --cells "$cells" --methods sdpa,composed,triton,flex --late-methods flex --budget-s 90 \
+  part attention 97 $py benchmarks/bench_attention.py --device cuda --in-process --shapes llama3-8b \
+    --cells "$cells" --methods sdpa,composed,triton,flex --late-methods flex --budget-s 82 \
     --out "$out/attention.jsonl"
   part model 65 $py benchmarks/gpu_model.py bench --length 32768 --layers 4 --new-tokens 64 --rounds 2 \
     --budget-s 50 --out "$out/model.jsonl"
-  part paged-timing 30 $py benchmarks/gpu_paged.py --parts timing --budget-s 20 \
+  part paged-timing 38 $py benchmarks/gpu_paged.py --parts timing --budget-s 28 \
     --out "$out/paged_timing.jsonl"
   part summary 5 $py benchmarks/gpu_summary.py "$out" --json "$out/summary.json"
 fi

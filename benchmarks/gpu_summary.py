@@ -1,4 +1,4 @@
-"""The GPU check's closing summary: issue 26's "Must reach" ratios from the rows of one ``gpu_check.sh`` run.
+"""The GPU check's closing summary: issues 26 and 27's "Must reach" ratios from one ``gpu_check.sh`` run.
 
     python benchmarks/gpu_summary.py OUT                     # after bash benchmarks/gpu_check.sh OUT
     python benchmarks/gpu_summary.py OUT --shape embedded --prefill-lengths 1024 --decode-length 1024 \\
@@ -14,9 +14,14 @@ unmeasured (no row, a skipped or failed row, or a backend not available). Target
 * attention prefill, SelfExtend / SDPA causal, at 32k, 64k and 128k: <= 1.15x (composed, triton, flex);
 * attention decode, one query per sequence over 32k keys: <= 1.30x at batch 1, <= 1.15x at batch 16;
 * the 4-layer model at 32k, SelfExtend / vanilla (the last round: round 0 pays for compiles): prefill time
-  <= 1.10x, decode tokens/s (64 steps) >= 0.90x, peak memory <= 1.05x.
+  <= 1.10x, decode tokens/s (64 steps) >= 0.90x, peak memory <= 1.05x;
+* issue 27, the vLLM plugin's GPU path (``engine.attend_gpu_batch``, pages of 16; ``gpu_paged.py``'s timing
+  rows) / SDPA on contiguous K/V: prefill 32k and a 2k chunk after 30k cached tokens (gathered onto the
+  composed backend) <= 1.20x; decode (the paged kernel) 16 x 32k <= 1.25x, 1 x 128k <= 1.30x. The dry run's
+  rows are CPU shapes: the lines then name those.
 
-The paged kernel's timings are printed after the targets, without one; ``--json PATH`` also writes the
+The paged kernel alone, each path's extra memory and the gathered path's transient memory are printed after
+the targets, without one; ``--json PATH`` also writes the
 lines there. Exit code 0: this is a report; ``gpu_check.sh``'s parts carry the failures.
 """
 
@@ -36,6 +41,10 @@ MODEL_TARGETS = {"prefill_time": ("<=", 1.10), "decode_tok_s": (">=", 0.90), "pe
 MODEL_NAMES = {"prefill_time": "prefill time", "decode_tok_s": "decode tokens/s",
                "peak_memory": "peak memory"}
 BACKENDS = ("composed", "triton", "flex")
+# issue 27: gpu_paged.py's timing rows by "target": default label, max time ratio of gpu_batch / SDPA
+VLLM_TARGETS = {"prefill": ("prefill 1 x 32k", 1.20), "chunk": ("chunk 2k after 30k", 1.20),
+                "decode_batch": ("decode 16 x 32k", 1.25), "decode_long": ("decode 1 x 128k", 1.30)}
+VLLM_PATHS = {"prefill": "gather + composed", "chunk": "gather + composed", "decode": "paged kernel"}
 
 
 def tokens(n: int) -> str:
@@ -146,18 +155,71 @@ def model(out: Path, length: int) -> list[dict]:
     return lines
 
 
+def timing_rows(out: Path) -> list[dict]:
+    return [r for r in read_jsonl(out / "paged_timing.jsonl") + read_jsonl(out / "paged.jsonl")
+            if r.get("part") == "timing"]
+
+
+def cell_label(r: dict) -> str:
+    if r["case"] == "chunk":
+        return f"chunk {tokens(r['query_tokens'])} after {tokens(r['cached'])}"
+    return f"{r['case']} {r['batch']} x {tokens(r['context'])}"
+
+
+def vllm(out: Path) -> list[dict]:
+    """Issue 27's targets: the plugin's GPU path over SDPA on contiguous K/V, one line a cell."""
+    rows = [r for r in timing_rows(out) if r.get("target") in VLLM_TARGETS]
+    lines = []
+    for target, (label, limit) in VLLM_TARGETS.items():
+        found = [r for r in rows if r["target"] == target]
+        r = ([x for x in found if x.get("status") == "ok"] or found or [None])[-1]
+        path = VLLM_PATHS["decode" if target.startswith("decode") else target]
+        what = f"vLLM GPU path {cell_label(r) if r else label}: {path} / SDPA"
+        ratio = r.get("gpu_batch_vs_sdpa") if r and r.get("status") == "ok" else None
+        if ratio is not None:
+            text = f"{ratio:.2f}x ({r['gpu_batch_ms']:.3f} vs {r['sdpa_ms']:.3f} ms)"
+            if r.get("composed_unsupported"):
+                text += f"; composed refused: {r['composed_unsupported']}"[:80]
+        elif r is None:
+            text = "no row"
+        else:
+            text = str(r.get("skipped") or r.get("error") or r.get("status"))[:80]
+        lines.append(line(what, f"<= {limit:.2f}x", text, verdict(ratio, "<=", limit)))
+    return lines
+
+
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
 def paged_timings(out: Path) -> list[dict]:
     lines = []
-    for r in read_jsonl(out / "paged_timing.jsonl") + read_jsonl(out / "paged.jsonl"):
-        if r.get("part") != "timing":
-            continue
-        what = f"paged kernel {r['case']} {r['batch']} x {tokens(r['context'])}: paged / SDPA contiguous"
-        if "paged_ms" in r:
-            text = (f"{r['paged_ms'] / r['sdpa_contiguous_ms']:.2f}x ({r['paged_ms']:.3f} vs "
-                    f"{r['sdpa_contiguous_ms']:.3f} ms; gather path {r['gather_ms']:.3f} ms)")
-        else:
-            text = str(r.get("skipped") or r.get("status"))
-        lines.append(line(what, "-", text, "info"))
+    for r in timing_rows(out):
+        if "target" not in r:  # the rows of gpu_paged.py before issue 27 (paged, gather, SDPA)
+            what = f"paged kernel {r['case']} {r['batch']} x {tokens(r['context'])}: paged / SDPA contiguous"
+            if "paged_ms" in r:
+                text = (f"{r['paged_ms'] / r['sdpa_contiguous_ms']:.2f}x ({r['paged_ms']:.3f} vs "
+                        f"{r['sdpa_contiguous_ms']:.3f} ms; gather path {r['gather_ms']:.3f} ms)")
+            else:
+                text = str(r.get("skipped") or r.get("status"))
+            lines.append(line(what, "-", text, "info"))
+        elif r["target"] == "transient":
+            what = f"vLLM GPU path: one layer's gathered K, V, grouped K at {tokens(r['context'])}"
+            if r.get("status") != "ok":
+                text = str(r.get("skipped") or r.get("error") or r.get("status"))[:80]
+            else:
+                text = f"{mib(r['kvg_mib'])} MiB (arithmetic)"
+                if r.get("held_mib") is not None:
+                    text += f"; measured {mib(r['held_mib'])} MiB held, {mib(r['peak_mib'])} MiB peak"
+            lines.append(line(what, "-", text, "info"))
+        elif r.get("status") == "ok":
+            label = cell_label(r)
+            if "paged_ms" in r:
+                lines.append(line(f"vLLM GPU path {label}: paged kernel alone / SDPA", "-",
+                                  f"{r['paged_vs_sdpa']:.2f}x ({r['paged_ms']:.3f} ms)", "info"))
+            extra = ", ".join(f"{name} {mib(r.get(f'{name}_extra_mib'))}"
+                              for name in ("sdpa", "gpu_batch", "paged") if f"{name}_ms" in r)
+            lines.append(line(f"vLLM GPU path {label}: peak extra MiB", "-", extra, "info"))
     return lines
 
 
@@ -176,9 +238,10 @@ def main() -> int:
     lines += attention(args.out, args.shape, [int(n) for n in args.prefill_lengths.split(",")],
                        args.decode_length, [int(b) for b in args.decode_batches.split(",")])
     lines += model(args.out, args.model_length)
+    lines += vllm(args.out)
     extra = paged_timings(args.out)
     width = max(len(x["what"]) for x in lines + extra)
-    print(f"== summary of {args.out} (issue 26, Must reach)")
+    print(f"== summary of {args.out} (issues 26 and 27, Must reach)")
     for x in lines + extra:
         print(f"{x['what']:<{width}}  {x['target']:>32}  {x['verdict']:>10}  {x['measured']}")
     tally = {v: sum(x["verdict"] == v for x in lines) for v in ("PASS", "FAIL", "unmeasured")}
