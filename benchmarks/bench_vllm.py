@@ -6,7 +6,11 @@
   (vanilla vLLM cannot answer past 8k, so its run lifts the cap with VLLM_ALLOW_LONG_MAX_MODEL_LEN: a cost
   ratio only).
 
-Run in the vLLM venv (``bash scripts/vllm-venv.sh``). The GGUF is converted once to an fp32 safetensors folder
+On a GPU (vLLM's CUDA wheel, not the CPU one): ``run FOLDER --device cuda`` runs both engines in bf16 and
+names the plugin's backend (``attention_backend="SELFEXTEND"``, without which a CUDA engine runs vLLM's own
+attention); both engines run eagerly unless ``--cuda-graphs`` lets vanilla capture its decode steps (the
+plugin's layers declare no CUDA graphs, so that is the comparison a user meets). Run in the vLLM venv
+(``bash scripts/vllm-venv.sh``). The GGUF is converted once to an fp32 safetensors folder
 (``.venv-vllm/bin/pip install gguf accelerate``, then ``.venv-vllm/bin/python benchmarks/bench_vllm.py convert
 .cache/smollm2``). Each engine runs in its own process. Usage: ``.venv-vllm/bin/python
 benchmarks/bench_vllm.py run .cache/smollm2 --threads 2 --out benchmarks/results/vllm.jsonl``
@@ -71,8 +75,7 @@ def engine_worker(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     spec = json.loads(Path(spec_path).read_text())
-    llm = LLM(dtype="float32", enforce_eager=True, max_num_batched_tokens=TARGET + 64, seed=0,
-              **spec["engine"])
+    llm = LLM(max_num_batched_tokens=TARGET + 64, seed=0, **spec["engine"])
     answers = []
     for item in spec["prompts"]:
         out = llm.generate([TokensPrompt(prompt_token_ids=item["ids"])],
@@ -128,9 +131,13 @@ def run(args) -> None:
     env = {"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4"}
     work = Path(args.work)
     timed = items[2]["ids"]
-    plugin = run_engine({"model": args.folder, "hf_overrides": ov}, items, timed, env, work / "plugin")
+    cuda = args.device == "cuda"
+    common = {"dtype": args.dtype or ("bfloat16" if cuda else "float32")}
+    own = {**common, "enforce_eager": True, **({"attention_backend": "SELFEXTEND"} if cuda else {})}
+    plugin = run_engine({"model": args.folder, "hf_overrides": ov, **own}, items, timed, env, work / "plugin")
     uncapped = {**env, "VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
-    vanilla = run_engine({"model": args.folder, "max_model_len": TARGET + 128,
+    vanilla = run_engine({"model": args.folder, "max_model_len": TARGET + 128, **common,
+                          "enforce_eager": not (cuda and args.cuda_graphs),
                           "hf_overrides": {"max_position_embeddings": TARGET + 128}}, [], timed, uncapped,
                          work / "vanilla")
     reference = transformers_answers(args.folder, items, G, W)
@@ -143,6 +150,7 @@ def run(args) -> None:
     p, v = plugin["timing"], vanilla["timing"]
     result = {
         "bench": "vllm", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads, "tokens": n,
+        "device": args.device, "dtype": common["dtype"], "vanilla_cuda_graphs": cuda and args.cuda_graphs,
         "group_size": G, "window": W, "passkey": rows,
         "answers_equal": sum(r["equal"] for r in rows), "answers": len(rows),
         "prefill_s": {"plugin": p["prefill"], "vanilla": v["prefill"]},
@@ -169,6 +177,12 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--out", default=None)
     r.add_argument("--work", default="/tmp/bench_vllm")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="vLLM's CPU engine, or its CUDA engine with the plugin's SELFEXTEND backend")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    r.add_argument("--cuda-graphs", action="store_true",
+                   help="let vanilla vLLM capture CUDA graphs (the plugin runs eagerly either way)")
     e = sub.add_parser("engine")
     e.add_argument("spec")
     e.add_argument("out")
