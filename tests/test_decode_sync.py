@@ -7,7 +7,9 @@ count is made on CPU with a ``TorchDispatchMode`` that sees every aten op (a rea
 ``Tensor.tolist`` (which does not dispatch on CPU, but copies to the host on CUDA); vanilla, the same model
 without ``apply``, is the control. Vanilla's own decode step reads once: transformers' check whether the
 mask pads anything. SelfExtend replaces that mask creation and reads once per forward, not per layer: the
-padding check, the position check and the largest position, fetched together.
+padding check, the position check and the largest position, fetched together. Without an attention mask
+vanilla reads nothing and SelfExtend still reads once (the position check and the largest position): the
+one read it adds, stated by ``test_without_a_mask_one_read``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class CountOps(TorchDispatchMode):
         return sum(self.ops[n] for n in (*READS, "tolist", "device copy"))
 
 
-def decode_step_ops(layers: int, extend: bool, monkeypatch) -> CountOps:
+def decode_step_ops(layers: int, extend: bool, monkeypatch, masked: bool = True) -> CountOps:
     model = build_model("llama", num_hidden_layers=layers)
     if extend:
         selfextend.apply(model, group_size=4, window=16)
@@ -53,7 +55,7 @@ def decode_step_ops(layers: int, extend: bool, monkeypatch) -> CountOps:
     cache = DynamicCache(config=model.config)
 
     def step(n: int, counter: CountOps | None = None):
-        mask = torch.ones(1, n, dtype=torch.long)
+        mask = torch.ones(1, n, dtype=torch.long) if masked else None
         if counter is None:
             return model(x[:, n - 1 : n], past_key_values=cache, use_cache=True, attention_mask=mask)
         with counter:
@@ -67,7 +69,8 @@ def decode_step_ops(layers: int, extend: bool, monkeypatch) -> CountOps:
         return tolist(self)
 
     with torch.no_grad():
-        model(x[:, :100], past_key_values=cache, use_cache=True, attention_mask=torch.ones(1, 100))
+        model(x[:, :100], past_key_values=cache, use_cache=True,
+              attention_mask=torch.ones(1, 100) if masked else None)
         step(101)  # the first decode step after a prefill may still group the prefill's last keys
         monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
         step(102, counter)
@@ -97,3 +100,9 @@ def test_few_extra_ops_per_layer(counts):
              for layers in (2, 4)}
     per_layer = (extra[4] - extra[2]) / 2
     assert per_layer <= EXTRA_OPS_PER_LAYER, per_layer
+
+
+def test_without_a_mask_one_read(monkeypatch):
+    vanilla = decode_step_ops(2, False, monkeypatch, masked=False)
+    extended = decode_step_ops(2, True, monkeypatch, masked=False)
+    assert vanilla.host_reads == 0 and extended.host_reads == 1, (vanilla.ops, extended.ops)
