@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .config import SelfExtendConfig, trained_length_of
+from .config import SelfExtendConfig, check_target_length, trained_length_of
 from .integrations.hf import SUPPORTED_FAMILIES
 from .methods import METHODS, STATE_ATTR, ActiveMethod
 
@@ -36,6 +36,7 @@ def apply(
     instead of raising).
     """
     impl = METHODS.get(method)
+    check_target_length(target_length)
     if group_size is not None or window is not None:
         takes = {p.name for p in impl.params}
         if not {"group_size", "window"} <= takes:

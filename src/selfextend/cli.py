@@ -17,7 +17,7 @@ DEMO_DEPTH = 0.3  # measured: vanilla fails, SelfExtend G=4 W=1024 answers (see 
 DEMO_GROUP, DEMO_WINDOW = 4, 1024
 
 
-def _load(args):
+def _load(args, tokenizer=None):
     import selfextend
 
     from .models import distributed_config
@@ -27,11 +27,11 @@ def _load(args):
     where = f", tensor parallel over {distributed.tp_size} processes" if distributed is not None else ""
     print(f"loading {args.model or selfextend.models.DEFAULT_MODEL_NAME} ({args.dtype}{where}) ...",
           file=sys.stderr)
-    return selfextend.load_model(args.model, dtype=dtype, distributed=distributed)
+    return selfextend.load_model(args.model, dtype=dtype, distributed=distributed, tokenizer=tokenizer)
 
 
 def cmd_info(args) -> int:
-    from .config import trained_length_of
+    from .config import MAX_GROUP_SIZE, trained_length_of
     from .positions import max_reach, recommended_group_size, recommended_window
 
     model, _ = _load(args)
@@ -51,7 +51,9 @@ def cmd_info(args) -> int:
     print(f"\nrecommended settings (authors' rule W + (N - W) / G <= 2/3 L, W = {W}):")
     for n in args.target_length or [2 * L, 4 * L, 8 * L]:
         g = recommended_group_size(n, L, W)
-        print(f"  target {n:>7}: group_size={g:<3} window={W}  (reach {max_reach(L, W, g)})")
+        past = (f"; past {MAX_GROUP_SIZE}, the largest published G: apply refuses it unless "
+                "allow_large_group_size=True" if g > MAX_GROUP_SIZE else "")
+        print(f"  target {n:>7}: group_size={g:<3} window={W}  (reach {max_reach(L, W, g)}{past})")
     return 0
 
 
@@ -157,7 +159,7 @@ def cmd_eval(args) -> int:
 
     from .eval.report import markdown, plot, write_results
     from .eval.results import SAMPLES_FILE, read_rows, shard_part
-    from .eval.runner import EvalConfig, run_eval
+    from .eval.runner import EvalConfig, check_lengths, plan, run_eval
     from .eval.tasks import TASKS
     from .eval.tasks.haystack import corpus_text
 
@@ -171,7 +173,16 @@ def cmd_eval(args) -> int:
         corpus_text(args.corpus)  # a missing corpus fails before the model loads
     config = EvalConfig(args.task, methods, lengths, args.depths, args.samples, args.seed,
                         task_args, args.model or "embedded:SmolLM2-135M-Instruct", args.dtype, args.shard)
-    model, tokenizer = _load(args)
+    methods, lengths = config.methods, config.lengths  # each once (a repeat was dropped, with a warning)
+    tokenizer = None
+    if task.kind != "ppl":  # every length holds the prompt template: checked with the tokenizer alone
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        check_lengths(tokenizer, config)
+    if args.shard is not None and not plan(config):
+        return _empty_shard(args, config)
+    model, tokenizer = _load(args, tokenizer)
     try:
         run_eval(model, tokenizer, config, args.out)
     except KeyboardInterrupt:
@@ -195,6 +206,24 @@ def cmd_eval(args) -> int:
                 print(f"wrote {path}", file=sys.stderr)
         except ImportError as exc:
             print(f"no plots: {exc}", file=sys.stderr)
+    return 0
+
+
+def _empty_shard(args, config) -> int:
+    """A shard the grid gives no cell (fewer cells than shards): nothing to run, which is not a failure. Its
+    run file still records the grid, so ``report`` lists the cells the other shards have not written yet."""
+    from .eval.results import lock, shard_part
+    from .eval.runner import EvalConfig, plan, record_run
+    from .models import is_main_process
+
+    k, n = args.shard
+    if is_main_process():
+        with lock(Path(args.out), args.task + shard_part(args.shard)):
+            record_run(Path(args.out), config)
+    cells = len(plan(EvalConfig(**{**config.__dict__, "shard": None})))
+    print(f"shard {k}/{n}: nothing to do: the grid has {cells} cell{'s' if cells != 1 else ''} for {n} "
+          f"shards and none falls to this one; `selfextend report {args.out}` merges the other shards",
+          file=sys.stderr)
     return 0
 
 
@@ -319,29 +348,29 @@ def cmd_serve(args) -> int:
     from .serve import require
 
     require()
-    import uvicorn
-
     import selfextend
 
     from .serve.app import create_app
     from .serve.engine import Engine
+    from .serve.server import bind, run, url
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("serve runs one process: start it without torchrun (or use vLLM for tensor parallel "
                          "serving)")
+    sock = bind(args.host, args.port)  # before the model loads: a busy port fails at once; --port 0 is known
     model, tokenizer = _load(args)
     hint = _serve_method(model, args)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("selfextend").setLevel(logging.INFO)
-    engine = Engine(model, tokenizer, cache_bytes=args.cache_mb * 2**20, extend_hint=hint)
+    engine = Engine(model, tokenizer, cache_bytes=args.cache_mb * 2**20, extend_hint=hint,
+                    prefill_chunk=args.prefill_chunk)
     default_name = Path(args.model).name.removesuffix(".gguf") if args.model else "SmolLM2-135M-Instruct"
     name = args.name or default_name
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
     active = selfextend.active(model)
-    print(f"serving {name!r} at http://{args.host}:{args.port}/v1, reading up to {engine.reach} tokens "
+    print(f"serving {name!r} at {url(sock)}/v1, reading up to {engine.reach} tokens "
           f"({'vanilla' if active is None else active.name}); Ctrl-C stops", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.grace)
-    return 0
+    return run(app, sock, grace=args.grace)
 
 
 def cmd_tune(args) -> int:
@@ -363,6 +392,8 @@ def cmd_tune(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_args as check
     from .backends import available_backends
+    from .serve import PREFILL_CHUNK
+    from .serve import api_key as serve_api_key
 
     parser = check.Parser(prog="selfextend", description="Training-free context extension (SelfExtend).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=check.Parser)
@@ -417,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default=check.lengths("4k,8k,16k"), type=check.lengths,
                    help="comma list of lengths in tokens, 4k = 4096 (default: 4k,8k,16k)")
     p.add_argument("--depths", default=check.depths("5"), type=check.depths,
-                   help="a count (evenly 0.05..0.95) or a comma list of fractions (default: 5)")
+                   help="a comma list of fractions in [0, 1] (0 = start, 1 = end), e.g. 0.1,0.5,0.9, or a "
+                        "count: a lone whole number n is n depths evenly 0.05..0.95 (1: the middle; write "
+                        "0.0 or 1.0 for those depths) (default: 5)")
     p.add_argument("--samples", type=check.positive_int, default=1,
                    help="samples per cell (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=check.non_negative_int, default=0)
@@ -453,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-length", type=check.positive_int, required=True)
     p.add_argument("--budget-minutes", type=check.positive_float, default=30.0)
     p.add_argument("--depths", type=check.depths, default=check.depths("0.1,0.5,0.9"),
-                   help="passkey probe depths (default: 0.1,0.5,0.9)")
+                   help="passkey probe depths: fractions in [0, 1], or a lone whole number n for n depths "
+                        "evenly 0.05..0.95 (default: 0.1,0.5,0.9)")
     p.add_argument("--seed", type=check.non_negative_int, default=0)
     p.add_argument("--out", default=None, type=check.out_dir,
                    help="also write the sweep rows (JSONL) and the ranked table here; re-running with "
@@ -473,14 +507,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another method, NAME or NAME:key=value:... (see `selfextend methods`), e.g. yarn")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=check.port, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None, type=serve_api_key,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--name", default=None, help="model name clients ask for (default: the model file's name)")
     p.add_argument("--cache-mb", type=check.non_negative_int, default=2048,
                    help="prefix cache bound in MiB (0: no prefix cache)")
     p.add_argument("--max-queue", type=check.positive_int, default=16,
                    help="requests waiting beyond it get HTTP 503")
     p.add_argument("--grace", type=check.positive_float, default=30.0,
-                   help="seconds Ctrl-C waits for running requests")
+                   help="seconds Ctrl-C waits for the running request (a second Ctrl-C: none)")
+    p.add_argument("--prefill-chunk", type=check.positive_int, default=PREFILL_CHUNK,
+                   help="prompt tokens per prefill step; between steps a client that left or Ctrl-C stops it")
     p.add_argument("--engine", choices=["selfextend", "vllm"], default="selfextend",
                    help="selfextend: this package's server; vllm: start `vllm serve` with the plugin's "
                         "--hf-overrides (continuous batching, paged cache, tensor parallel)")

@@ -61,6 +61,14 @@ def check_number(name: str, value: Any, *, minimum: float, strict: bool = False,
     return value
 
 
+def check_target_length(target_length: Any) -> int | None:
+    """``target_length`` as every method takes it: None (not given) or a whole number of tokens >= 1."""
+    if target_length is None:
+        return None
+    return check_number("target_length", target_length, minimum=1, integer=True,
+                        fix="give the number of tokens to read")
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -290,6 +298,7 @@ def rope_scaling_factor(method: str, factor: float | None, target_length: int | 
                         bounded: bool) -> float:
     """The scale ``s``: given, or ``target_length / L`` (never below 1); checked to reach
     ``target_length``."""
+    check_target_length(target_length)
     if factor is None:
         if target_length is None:
             raise ValueError(f"method {method!r} needs factor=<scale >= 1> "
@@ -303,6 +312,23 @@ def rope_scaling_factor(method: str, factor: float | None, target_length: int | 
             f"(L={trained_length}); set factor >= {target_length / trained_length:.3f}."
         )
     return float(factor)
+
+
+YARN_BETA_FAST, YARN_BETA_SLOW = 32, 1  # transformers' (and the YaRN paper's) defaults
+
+
+def check_yarn_betas(beta_fast: float | None, beta_slow: float | None) -> None:
+    """YaRN's ramp runs from ``beta_fast`` rotations (extrapolated) down to ``beta_slow`` (interpolated):
+    ``beta_fast`` must not be below ``beta_slow`` (each is already a finite number > 0)."""
+    fast = YARN_BETA_FAST if beta_fast is None else beta_fast
+    slow = YARN_BETA_SLOW if beta_slow is None else beta_slow
+    if fast < slow:
+        raise ValueError(
+            f"beta_fast={fast}{' (the default)' if beta_fast is None else ''} is below "
+            f"beta_slow={slow}{' (the default)' if beta_slow is None else ''}: YaRN's ramp runs from "
+            f"beta_fast rotations (extrapolated) down to beta_slow (interpolated); use beta_fast >= "
+            f"beta_slow (the defaults are {YARN_BETA_FAST} and {YARN_BETA_SLOW})."
+        )
 
 
 def truncate_keep(keep: int | None, headroom: int | None, trained_length: int) -> int:

@@ -47,7 +47,7 @@ def is_main_process() -> bool:
 
 
 def load_model(name: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
-               distributed=None, **kwargs):
+               distributed=None, *, tokenizer=None, **kwargs):
     """Return ``(model, tokenizer)`` in eval mode.
 
     Args:
@@ -56,24 +56,40 @@ def load_model(name: str | os.PathLike | None = None, dtype: torch.dtype | str =
         dtype: ``torch.float32`` (default; exact on CPU) or ``torch.bfloat16``, or their names.
         distributed: a transformers ``DistributedConfig`` (e.g. ``DistributedConfig(tp_size=2)`` under
             ``torchrun``; ``distributed_config()`` builds it from the launch), or None for one process.
+        tokenizer: this model's tokenizer when already loaded (``load_tokenizer(name)``): not loaded again.
         kwargs: forwarded to ``from_pretrained`` (e.g. ``attn_implementation``, ``device_map``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    path = default_model_path() if name is None else Path(name)
-    load_kwargs = dict(kwargs)
+    directory, load_kwargs = _where(name)
+    load_kwargs.update(kwargs)
     if distributed is not None:
         load_kwargs["distributed_config"] = distributed
-    if path.suffix == ".gguf":
-        directory, load_kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        directory = str(name)
-        if not path.exists():  # a hub id: only what the local cache holds
-            load_kwargs.setdefault("local_files_only", True)
-    tokenizer_kwargs = {k: v for k, v in load_kwargs.items() if k in ("gguf_file", "local_files_only")}
-    tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, **{k: v for k, v in load_kwargs.items()
+                                            if k in ("gguf_file", "local_files_only")})
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **load_kwargs)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name: str | os.PathLike | None = None, **kwargs):
+    """The tokenizer of the model ``load_model(name)`` loads, alone (seconds, no weights): enough to check
+    what depends on token counts, such as an eval's lengths against its prompt template, before the model
+    loads."""
+    from transformers import AutoTokenizer
+
+    directory, load_kwargs = _where(name)
+    return AutoTokenizer.from_pretrained(directory, **{**load_kwargs, **kwargs})
+
+
+def _where(name: str | os.PathLike | None) -> tuple[str, dict]:
+    """The directory ``from_pretrained`` reads and the keywords that locate the files in it."""
+    path = default_model_path() if name is None else Path(name)
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if not path.exists():  # a hub id: only what the local cache holds
+        return str(name), {"local_files_only": True}
+    return str(name), {}

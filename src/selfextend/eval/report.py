@@ -326,14 +326,15 @@ def summary_of(out_dir: str | Path, task: str) -> tuple[dict[str, Any], list]:
         rows += file_rows
         bad += [f"{samples.name}:{n}" if samples.name != SAMPLES_FILE.format(task=task) else n
                 for n in file_bad]
-    if not rows:
-        raise ValueError(f"no results for task {task!r} in {out} (expected {SAMPLES_FILE.format(task=task)})")
     planned: set[tuple] = set()
     for run in task_files(out, RUN_FILE, task):
         try:
             planned |= {tuple(k) for k in json.loads(run.read_text(encoding="utf-8")).get("planned", [])}
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, TypeError, AttributeError):
             continue
+    if not rows and not planned:
+        raise ValueError(f"no results for task {task!r} in {out}: no rows and no run file that lists the "
+                         f"cells asked for (expected {SAMPLES_FILE.format(task=task)})")
     summary = summarize(rows, planned)
     against = {str(n): vs_sliding(summary, n) for n in summary["lengths"]}
     summary["vs_sliding"] = {n: t for n, t in against.items() if t}
@@ -451,9 +452,11 @@ def task_names(out: Path, tasks: list[str] | None) -> list[str]:
     """``tasks``, or every task with a samples file in ``out``."""
     if not out.is_dir():
         raise ValueError(f"{out} is not a directory of results (the --out of an eval)")
-    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")})
+    # a task whose run file exists has a grid even before its first row (an empty shard, a run cut short)
+    names = tasks or sorted({task_of(p.name) for p in out.glob("samples_*.jsonl")}
+                            | {task_of(p.name) for p in out.glob("run_*.json")})
     if not names:
-        raise ValueError(f"no samples_*.jsonl files in {out}")
+        raise ValueError(f"no samples_*.jsonl or run_*.json files in {out}: no eval has written there yet")
     return names
 
 
@@ -467,6 +470,7 @@ def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str,
     names = task_names(out, tasks)
     keep = set(parts or PARTS)
     texts = []
+    compared = False
     for task in names:
         result = (summaries or {}).get(task) or summary_of(out, task)[0]
         if "table" in keep:
@@ -486,7 +490,17 @@ def render(out_dir: str | Path, tasks: list[str] | None = None, pair: tuple[str,
                 texts.append(f"({task}: no {' or '.join(absent)} rows to compare)")
             else:
                 texts.append(markdown_compare(compare(task_rows(out, task), *pair)))
+                compared = True
+    if "compare" in keep and pair is not None and not compared:
+        present = "; ".join(f"{task}: {', '.join(labels(out, task)) or '(no rows yet)'}" for task in names)
+        raise ValueError(f"--compare {','.join(pair)}: no task in {out} has retrieval rows of both; the "
+                         f"method labels there are {present}")
     return "\n\n".join(texts)
+
+
+def labels(out: Path, task: str) -> list[str]:
+    """The method labels of ``task``'s rows in ``out``, in first-written order."""
+    return _ordered([r["method"] for r in task_rows(out, task)])
 
 
 def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = True,
@@ -498,6 +512,6 @@ def report(out_dir: str | Path, tasks: list[str] | None = None, plots: bool = Tr
     summaries = {}
     for task in names:
         summaries[task] = write_results(out, task)
-        if plots:
+        if plots and summaries[task]["n_rows"]:  # no rows yet: the table lists what is missing, no plot
             plot(out, task, summaries[task])
     return render(out, tasks, pair, parts, summaries)  # tasks as asked: a directory-wide report skips gaps

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import time
-import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ from .results import (
     write_json_atomic,
 )
 from .tasks import TASKS, Sample
+from .tasks.base import TemplateTooLong
+
+logger = logging.getLogger("selfextend")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,10 @@ def parse_method(spec: str) -> MethodSpec:
             params[key] = parse_value(types[key], value)
         except ValueError as exc:
             raise ValueError(f"method spec {spec!r}: {key}={value!r} {exc}") from None
+    try:  # each value's range and how they go together, as `apply` checks them, before any model loads
+        method.check_params(params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"method spec {spec!r}: {exc}") from None
     return MethodSpec(spec.strip(), name, params)
 
 
@@ -103,17 +111,35 @@ def parse_length(text: str) -> int:
     return int(value)
 
 
+DEPTHS_FORMAT = ("a comma list of fractions in [0, 1] (0 = start, 1 = end), e.g. 0.05,0.5,0.95, or a "
+                 "count like 5 (a lone whole number is a count: 5 depths evenly from 0.05 to 0.95; write 0.0 "
+                 "or 1.0 for those single depths)")
+
+
 def parse_depths(text: str) -> list[float]:
-    """An integer n: n depths evenly spaced from 0.05 to 0.95; else a comma list of fractions."""
+    """A lone whole number n: n depths evenly spaced from 0.05 to 0.95 (1: the middle); else a comma list of
+    fractions in [0, 1]."""
     text = str(text).strip()
     if re.fullmatch(r"\d+", text):
         n = int(text)
         if n < 1:
-            raise ValueError("--depths must be >= 1")
+            raise ValueError(f"bad depths {text!r}: a lone whole number is a count of depths (5: five evenly "
+                             "from 0.05 to 0.95) and must be >= 1; for the single depth 0 write 0.0, or give "
+                             "fractions in [0, 1] like 0.05,0.5,0.95")
         return [0.5] if n == 1 else [round(0.05 + 0.9 * i / (n - 1), 4) for i in range(n)]
-    depths = [float(d) for d in text.split(",") if d.strip()]
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"bad depths {text!r}: fractions in [0, 1], e.g. 0.05,0.5,0.95, or a count like 5")
+    depths = []
+    for item in (d.strip() for d in text.split(",")):
+        if not item:
+            continue
+        try:
+            depth = float(item)
+        except ValueError:
+            raise ValueError(f"bad depths {text!r}: {item!r} is not a number; use {DEPTHS_FORMAT}") from None
+        if not 0.0 <= depth <= 1.0:  # NaN fails this too
+            raise ValueError(f"bad depths {text!r}: {item} is outside [0, 1]; use {DEPTHS_FORMAT}")
+        depths.append(depth)
+    if not depths:
+        raise ValueError(f"bad depths {text!r}: no depth given; use {DEPTHS_FORMAT}")
     return depths
 
 
@@ -134,6 +160,27 @@ class EvalConfig:
     dtype: str = "float32"
     shard: tuple[int, int] | None = None  # (K, N): this run does shard K (1-based) of N
 
+    def __post_init__(self) -> None:
+        """A method label, length or depth listed twice would run its cells twice (two rows for one key):
+        each is kept once, with a warning."""
+        self.methods = _once(self.methods, lambda m: m.label, "methods", "label")
+        self.lengths = _once(self.lengths, int, "lengths", "length")
+        if self.depths is not None:
+            self.depths = _once(self.depths, lambda d: round(float(d), 6), "depths", "depth")
+
+
+def _once(values: list, key, what: str, one: str) -> list:
+    """``values`` without repeats (by ``key``, first one kept, order kept); warns naming the repeats."""
+    seen: dict = {}
+    for value in values:
+        seen.setdefault(key(value), value)
+    if len(seen) < len(values):
+        counts = Counter(key(v) for v in values)
+        repeated = sorted((k for k, c in counts.items() if c > 1), key=str)
+        logger.warning("selfextend: --%s lists the %s %s more than once; each runs once", what,
+                       one + ("s" if len(repeated) > 1 else ""), ", ".join(map(str, repeated)))
+    return list(seen.values())
+
 
 def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, Any]]:
     """Resolve every (method, length) before running anything, so bad settings fail in seconds."""
@@ -153,7 +200,8 @@ def plan(config: EvalConfig) -> list[tuple[int, MethodSpec, float | None, int]]:
     if config.shard is None:
         return cells
     k, n = config.shard
-    return [c for c in cells if in_shard(_key(config, c), k, n)]
+    owner = shard_owners([_key(config, c) for c in cells], n)
+    return [c for c in cells if owner[_key(config, c)] == k]
 
 
 def settings_sha(config: EvalConfig, params: dict[str, Any]) -> str:
@@ -163,11 +211,35 @@ def settings_sha(config: EvalConfig, params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def in_shard(key: tuple, k: int, n: int) -> bool:
-    """Whether a cell belongs to shard ``k`` of ``n``: by a hash of the cell itself, not of its place in the
-    grid, so every shard agrees on the split however the grid was ordered or extended, and no cell is in two
-    shards or none."""
-    return zlib.crc32(repr(key).encode()) % n == k - 1
+def shard_owners(keys: list[tuple], n: int) -> dict[tuple, int]:
+    """The shard (1..n) of every cell: the cells in one canonical order (length, method label, depth, sample:
+    not the order the flags list them in, so every shard agrees on the split), dealt out in turn. Each shard
+    gets the floor or the ceiling of cells / n, no cell is in two shards or none, and each length's cells are
+    spread over the shards. Extending the grid may move cells between shards: finished samples are never
+    re-run (every shard's file counts as done), but shards running at the same time need the same grid."""
+    def canonical(key: tuple) -> tuple:
+        task, method, length, depth, sample = key
+        return length, method, -1.0 if depth is None else depth, sample
+
+    ordered = sorted(set(keys), key=canonical)
+    return {key: i % n + 1 for i, key in enumerate(ordered)}
+
+
+def check_lengths(tokenizer, config: EvalConfig) -> None:
+    """Every length holds the task's prompt template (its text with an empty haystack), checked on the
+    shortest length before anything runs: a length that cannot is an error naming every such length."""
+    task = TASKS.get(config.task)
+    if task.kind == "ppl" or not config.lengths:
+        return
+    depth = (config.depths or [0.5])[0] if task.uses_depth else None
+    try:
+        task.make(tokenizer, min(config.lengths), depth, config.seed)
+    except TemplateTooLong as err:
+        short = [n for n in config.lengths if n < err.tokens]
+        raise ValueError(
+            f"--lengths {','.join(map(str, short))}: shorter than the {config.task} prompt template itself "
+            f"({err.tokens} tokens with this model's tokenizer, before any haystack); use lengths >= "
+            f"{err.tokens}") from None
 
 
 def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
@@ -178,6 +250,7 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
     part = shard_part(config.shard)
     path = out / SAMPLES_FILE.format(task=config.task + part)
     resolved = resolve_all(model, config)
+    check_lengths(tokenizer, config)
     if task.kind == "ppl":
         from .tasks.haystack import corpus_text
 

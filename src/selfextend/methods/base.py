@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..backends import available_backends
-from ..config import trained_length_of
+from ..config import check_bool, check_number, trained_length_of
 from ..integrations.hf import AttentionIntegration
 
 STATE_ATTR = "selfextend_method"  # set on the model while a method other than vanilla is active
@@ -16,13 +18,38 @@ STATE_ATTR = "selfextend_method"  # set on the model while a method other than v
 
 @dataclass(frozen=True)
 class Param:
+    """A method parameter: its type and range, checked by ``check`` wherever a value enters (``apply``, the
+    CLI's method specs, tuned-settings files, vLLM's ``hf_overrides``), so every way in refuses the same
+    values with the same message naming the parameter."""
+
     name: str
     type: type
     default: Any  # None: derived from target_length (or the model) when omitted
     help: str
+    minimum: float | None = None  # numbers: the smallest value allowed (finite is always required)
+    strict: bool = False  # numbers: > minimum instead of >=
+    choices: tuple[str, ...] = ()  # strings: the allowed values (empty: any string)
+    fix: str = ""  # appended to a range error: what the value means, what to use
+
+    def check(self, value: Any) -> Any:
+        """``value`` when it has this parameter's type and range (None: not given, derived later), else a
+        TypeError or ValueError naming the parameter."""
+        if value is None:
+            return value
+        if self.type is bool:
+            return check_bool(self.name, value)
+        if self.type in (int, float):
+            return check_number(self.name, value, minimum=-math.inf if self.minimum is None else self.minimum,
+                                strict=self.strict, integer=self.type is int, fix=self.fix)
+        if not isinstance(value, self.type):
+            raise TypeError(f"{self.name} must be a {self.type.__name__}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{self.name}={value!r} is not one of {', '.join(self.choices)}"
+                             + (f": {self.fix}" if self.fix else ""))
+        return value
 
 
-TRAINED_LENGTH = Param("trained_length", int, None, "override the trained context L")
+TRAINED_LENGTH = Param("trained_length", int, None, "override the trained context L", minimum=2)
 
 
 def backend_param(method: str) -> Param:
@@ -68,14 +95,25 @@ class Method:
         """The active frozen config (``config.py``), or None for methods without one."""
         return None
 
-    def check_params(self, params: dict[str, Any]) -> None:
-        known = {p.name for p in self.params}
-        unknown = sorted(set(params) - known)
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Every given parameter is one of this method's, of its type and in its range, and the given ones
+        agree with each other (``check_together``): what needs no model, so every way in checks it at once."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"method {self.name!r} takes its settings as a dict of parameter: value, "
+                            f"got {params!r}")
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known), key=str)
         if unknown:
             raise ValueError(
                 f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters: "
                 f"{', '.join(sorted(known)) or '(none)'} (see `selfextend methods`)."
             )
+        for name, value in params.items():
+            known[name].check(value)
+        self.check_together(params)
+
+    def check_together(self, params: Mapping[str, Any]) -> None:
+        """Constraints between given parameters that need no model (each one is already valid alone)."""
 
 
 class AttentionMethod(Method):
@@ -109,4 +147,4 @@ def config_params(config: Any) -> dict[str, Any]:
 
 def trained_length(model: torch.nn.Module, params: dict[str, Any] | None = None) -> int:
     override = (params or {}).get("trained_length")
-    return int(override) if override is not None else trained_length_of(model.config)
+    return TRAINED_LENGTH.check(override) if override is not None else trained_length_of(model.config)

@@ -33,11 +33,13 @@ class Truncate(Method):
     summary = ("keep `keep` prompt tokens, the head and the tail (LongBench), or the last ones; the model "
                "stays vanilla")
     params = (
-        Param("keep", int, None, "prompt tokens kept (default: trained length - headroom)"),
+        Param("keep", int, None, "prompt tokens kept (default: trained length - headroom)", minimum=1),
         Param("drop", str, "middle", "which part of a long prompt goes: middle (keep the head with the "
-              "instruction and the tail with the question, as LongBench) or start (keep the last tokens)"),
+              "instruction and the tail with the question, as LongBench) or start (keep the last tokens)",
+              choices=DROPS,
+              fix="middle keeps the head and the tail of the prompt, start keeps its last tokens"),
         Param("headroom", int, None, "tokens left for the answer when `keep` is derived "
-              "(default min(64, L // 8))"),
+              "(default min(64, L // 8))", minimum=0),
         TRAINED_LENGTH,
     )
 

@@ -28,9 +28,10 @@ class DualChunkAttention(AttentionMethod):
     summary = ("Dual Chunk Attention (ChunkLlama): keys at j mod chunk_len; "
                "intra/successive/inter-chunk queries")
     params = (
-        Param("chunk_size", int, None, "cs < L: largest query position (default 3L/4, or Qwen's config)"),
+        Param("chunk_size", int, None, "cs < L: largest query position (default 3L/4, or Qwen's config)",
+              minimum=2, fix="the default is 3L/4"),
         Param("local_window", int, None, "w < cs: chunk_len = cs - w; exact distances to the previous chunk "
-              "while i mod chunk_len <= w (default L/16)"),
+              "while i mod chunk_len <= w (default L/16)", minimum=1, fix="the default is L/16"),
         Param("temperature", bool, None, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
               "(default: on for models with Qwen's dual_chunk_attention_config, else off)"),
         Param("vanilla_within_trained", bool, True, "queries before the trained length keep plain RoPE: "
@@ -40,6 +41,12 @@ class DualChunkAttention(AttentionMethod):
     )
     config_class = DCAConfig
     integration = DCA
+
+    def check_together(self, params):
+        cs, w = params.get("chunk_size"), params.get("local_window")
+        if cs is not None and w is not None and w >= cs:
+            raise ValueError(f"local_window={w} must be smaller than chunk_size={cs} (chunk_len = "
+                             f"chunk_size - local_window must be >= 1); use local_window <= {cs // 4}.")
 
     def resolve(self, model, target_length, params):
         self.check_params(params)

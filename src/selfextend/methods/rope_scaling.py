@@ -6,15 +6,23 @@ for a model shipped with that scaling. ``remove`` puts the original module back.
 turns ``(factor, params)`` into ``rope_parameters`` (the ``modeling_rope_utils`` style).
 
 Scale factor: ``s = target_length / L`` when derived, never below 1.
+
+Past the reach ``floor(L * s)`` (linear, NTK, YaRN; dynamic NTK has none) a forward warns once per 1k tokens
+(``RuntimeWarning``, from a hook on the rebuilt rotary module) instead of running on silently. It warns rather
+than refuses: ``target_length`` sizes the reach to exactly the prompt, so generating an answer always passes
+it by the answer's tokens; size ``target_length`` to prompt + answer to stay inside.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 
-from ..config import rope_scaling_factor
+import torch
+
+from ..config import check_yarn_betas, rope_scaling_factor
 from ..integrations.hf.model_info import check_model, rotary_embedding
 from . import METHODS
 from .base import TRAINED_LENGTH, ActiveMethod, Method, Param, trained_length
@@ -47,13 +55,36 @@ def _yarn(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
     return out, int(math.ceil(L * factor))
 
 
+def _reach_guard(method: str, params: dict, reach: int) -> Callable:
+    """A forward pre-hook for the rotary module: warn (once per 1k tokens) when positions pass ``reach``."""
+    warned: set[int] = set()
+
+    def guard(module, args, kwargs):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if not isinstance(positions, torch.Tensor) or positions.numel() == 0 or torch.compiler.is_compiling():
+            return None
+        needed = int(positions.max()) + 1
+        if needed > reach and needed // 1024 not in warned:
+            warned.add(needed // 1024)
+            L = params["trained_length"]
+            warnings.warn(
+                f"{needed} tokens exceed the reach {reach} of {method} (factor={params['factor']:g}, trained "
+                f"length {L}): positions past it are outside what the scaling was set for. Apply it with "
+                f"target_length >= {needed} (factor >= {needed / L:.3f}) for inputs this long.",
+                RuntimeWarning, stacklevel=2)
+        return None
+
+    return guard
+
+
 class RopeScaling(Method):
     """Shared resolve/attach/detach; subclasses set ``rope_fn`` and their extra parameters."""
 
     rope_fn: Callable[[dict, float, int, dict], tuple[dict, int]]
     bounded = True  # False for dynamic NTK, which rescales itself with the length
     params = (
-        Param("factor", float, None, "scale s >= 1 (default: target_length / trained length)"),
+        Param("factor", float, None, "scale s >= 1 (default: target_length / trained length)", minimum=1.0,
+              fix="factor=1 is vanilla; use factor = target_length / L"),
         TRAINED_LENGTH,
     )
 
@@ -91,6 +122,9 @@ class RopeScaling(Method):
         config.max_position_embeddings = max_positions
         device = next(iter(rotary.buffers())).device
         new = type(rotary)(config).to(device)
+        if self.bounded:  # the new module goes with detach, and its hook with it
+            new.register_forward_pre_hook(_reach_guard(self.name, params, self.reach(model, params)),
+                                          with_kwargs=True)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, new)
@@ -126,7 +160,13 @@ class YaRN(RopeScaling):
     rope_fn = staticmethod(_yarn)
     params = RopeScaling.params + (
         Param("attention_factor", float, None, "cos/sin multiplier (logits get its square); "
-              "default 0.1 ln(s) + 1"),
-        Param("beta_fast", float, None, "ramp boundary for extrapolation (default 32)"),
-        Param("beta_slow", float, None, "ramp boundary for interpolation (default 1)"),
+              "default 0.1 ln(s) + 1", minimum=0, strict=True,
+              fix="it multiplies cos/sin (the logits by its square); the default is 0.1 ln(factor) + 1"),
+        Param("beta_fast", float, None, "ramp boundary for extrapolation (default 32)", minimum=0,
+              strict=True, fix="rotations where the ramp starts extrapolating; the default is 32"),
+        Param("beta_slow", float, None, "ramp boundary for interpolation (default 1)", minimum=0,
+              strict=True, fix="rotations where the ramp is fully interpolated; the default is 1"),
     )
+
+    def check_together(self, params):
+        check_yarn_betas(params.get("beta_fast"), params.get("beta_slow"))

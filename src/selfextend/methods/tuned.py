@@ -26,13 +26,48 @@ def model_key(model: torch.nn.Module) -> str:
 
 
 def load_tuned() -> dict[str, Any]:
+    """The whole tuned-settings file, validated as a whole: every entry, not only the one asked for, so a bad
+    file is refused with its path and the field at fault the first time it is read."""
     path = tuned_path()
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read tuned settings {path}: {exc}; delete the file or fix it") from exc
+    check_tuned(data, path)
+    return data
+
+
+def check_tuned(data: Any, path: Path) -> None:
+    """``{model key: {target length: {"group_size": G, "window": W, ...}}}``, G and W checked as ``apply``
+    checks them (``Param.check``); anything else is an error naming ``path`` and the field."""
+    from . import METHODS
+
+    def bad(where: str, why: str) -> ValueError:
+        return ValueError(f"tuned settings {path}: {where}{why}; fix the file or delete it "
+                          "(`selfextend tune` writes it again)")
+
+    shape = '{"<model key>": {"<target length>": {"group_size": G, "window": W}}}'
+    if not isinstance(data, dict):
+        raise bad("the file", f" holds a JSON {type(data).__name__}, not an object {shape}")
+    params = {p.name: p for p in METHODS.get("self-extend").params}
+    for key, entries in data.items():
+        if not isinstance(entries, dict):
+            raise bad(f"entry [{key!r}]", f" is {entries!r}, not an object of target lengths: {shape}")
+        for length, settings in entries.items():
+            where = f"entry [{key!r}][{length!r}]"
+            if not (length.isdigit() and str(int(length)) == length and int(length) >= 1):
+                raise bad(where, " is not keyed by a target length in tokens (a whole number >= 1)")
+            if not isinstance(settings, dict):
+                raise bad(where, f" is {settings!r}, not an object with group_size and window")
+            for name in ("group_size", "window"):
+                if name not in settings:
+                    raise bad(where, f" has no {name!r}")
+                try:
+                    params[name].check(settings[name])
+                except (TypeError, ValueError) as err:
+                    raise bad(where, f": {err}") from None
 
 
 def save_tuned(model: torch.nn.Module, target_length: int, settings: dict[str, Any],
@@ -54,4 +89,4 @@ def tuned_settings(model: torch.nn.Module, target_length: int) -> dict[str, int]
     if not lengths:
         return None
     best = entries[str(lengths[0])]
-    return {"group_size": int(best["group_size"]), "window": int(best["window"])}
+    return {"group_size": best["group_size"], "window": best["window"]}

@@ -47,6 +47,15 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text).input_ids)
 
 
+class TemplateTooLong(ValueError):
+    """A target length shorter than the task's prompt with nothing in its haystack (``tokens`` long)."""
+
+    def __init__(self, target_length: int, tokens: int) -> None:
+        super().__init__(f"target_length={target_length} is shorter than the task template itself "
+                         f"({tokens} tokens)")
+        self.target_length, self.tokens = target_length, tokens
+
+
 def fit_length(tokenizer, build: Callable[[int], str], target_length: int,
                upper: int | None = None) -> tuple[int, str, int]:
     """Largest ``n`` with ``len(tokens(build(n))) <= target_length`` by binary search (``build`` must grow
@@ -56,8 +65,7 @@ def fit_length(tokenizer, build: Callable[[int], str], target_length: int,
     """
     base = count_tokens(tokenizer, build(0))
     if base > target_length:
-        raise ValueError(f"target_length={target_length} is shorter than the task template itself "
-                         f"({base} tokens)")
+        raise TemplateTooLong(target_length, base)
     lo, hi = 0, upper if upper is not None else max(64, target_length * 8)
     while lo < hi:
         mid = (lo + hi + 1) // 2
