@@ -2,9 +2,15 @@
 
 Requests are validated and tokenized in the event loop (a bad request never waits in the queue), then run one
 at a time, in arrival order, by a single worker thread that owns the model. The queue is bounded: when it is
-full the server answers 503 at once. A client that disconnects (mid-stream or while waiting) cancels its
-request, which frees the worker at the next token. Errors use OpenAI's shape
+full the server answers 503 at once, with the place the request would take in the queue and an estimated wait
+(from the measured prefill and decode rates). A client that disconnects (mid-stream or while waiting)
+cancels its request, which frees the worker within one prefill chunk or one token. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
+
+Shutdown (``Worker.begin_shutdown``, which ``server.Server`` calls on Ctrl-C): queued requests are refused at
+once, the running one may finish until its deadline (``--grace``) and is then stopped at its next chunk or
+token and answered with a 503 ``shutting_down`` error (a stream: an error event, then ``data: [DONE]``);
+``Worker.abort`` (a second Ctrl-C) answers it at once.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -34,14 +41,22 @@ logger = logging.getLogger("selfextend.serve")
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
+        self.headers, self.extra = headers, extra or {}
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code,
+                          **self.extra}}
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def shutting_down(message: str = "the server is shutting down") -> APIError:
+    return APIError(503, message, "server_error", code="shutting_down")
 
 
 # --- request schemas: the fields we honour are typed; others OpenAI clients send are accepted and ignored ---
@@ -95,66 +110,174 @@ class Job:
     loop: asyncio.AbstractEventLoop
     stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # text pieces, then the Result or an error
-    cancelled: bool = False
+    cancelled: bool = False  # the client went away (or its handler ended)
+    answered: bool = False  # the Result or an error was sent: nothing follows it
+    to_prefill: int = 0  # prompt tokens the prefix cache did not hold when it was queued (for estimates)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def emit(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        """A piece of text (from the worker thread)."""
+        if not self.answered:
+            self._put(item)
+
+    def finish(self, item: Result | APIError) -> bool:
+        """The last event, sent once whoever sends it (the worker, or a shutdown from the event loop)."""
+        with self._lock:
+            if self.answered:
+                return False
+            self.answered = True
+        self._put(item)
+        return True
+
+    def _put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (an immediate exit): nobody is listening
+            pass
 
 
 class Worker:
     """The single thread that runs jobs in order on the engine."""
 
+    POLL = 0.1  # seconds the idle thread waits for a job before it looks for a shutdown
+
     def __init__(self, engine: Engine, max_queue: int) -> None:
         self.engine = engine
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="selfextend-worker", daemon=True)
         self.busy = False
         self.current: Job | None = None
+        self.stopping = False  # no job starts any more
+        self.deadline = math.inf  # time.monotonic() after which the running job stops at its next chunk/token
+        self.aborted = False  # stop now: the running job was answered already
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Refuse the queued jobs, cancel the running one at its next token, wait for the thread."""
-        while True:  # queued jobs will not run: tell their clients
+    def begin_shutdown(self, deadline: float | None = None) -> None:
+        """Refuse the queued jobs now and start no other; the running one may go on until ``deadline``
+        (``time.monotonic()``; None: now), then stops at its next chunk or token and gets a 503. From the
+        event loop or any thread, never from a signal handler (it takes the queue's lock)."""
+        self.deadline = min(self.deadline, time.monotonic() if deadline is None else deadline)
+        self.stopping = True
+        while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                job.emit(APIError(503, "the server is shutting down", "server_error", code="shutting_down"))
-        if self.current is not None:
-            self.current.cancelled = True
-        self.jobs.put(None)
-        self.thread.join(timeout=60)
+            job.finish(shutting_down("the server is shutting down; this request had not started"))
+
+    def abort(self) -> None:
+        """Stop now: the running job is answered at once (its thread stops at its next chunk or token)."""
+        self.aborted = True
+        self.begin_shutdown()
+        job = self.current
+        if job is not None:
+            job.finish(shutting_down("the server is shutting down (stopped at once); this request was not "
+                                     "finished"))
+
+    async def wait_stopped(self) -> None:
+        """Until the thread has ended, or ``abort`` (whose caller exits without waiting for it)."""
+        while self.thread.is_alive() and not self.aborted:
+            await asyncio.sleep(0.05)
+
+    def _stop_now(self, job: Job) -> bool:
+        return (job.cancelled or job.answered or self.aborted
+                or (self.stopping and time.monotonic() >= self.deadline))
 
     def submit(self, job: Job) -> None:
+        if self.stopping:
+            raise shutting_down()
+        job.to_prefill = len(job.prompt) - self.engine.prefix_cache.reusable(job.prompt)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise APIError(503, f"the server is busy: {self.jobs.maxsize} requests are waiting; retry later",
-                           "server_error", code="server_busy", headers={"Retry-After": "5"}) from None
+            raise self._busy(job) from None
+
+    def queue_state(self) -> dict[str, Any]:
+        """The running request's progress, the live queued ones and the estimated seconds until the last of
+        them is done (None until a prefill was measured)."""
+        engine = self.engine
+        with self.jobs.mutex:
+            queued = list(self.jobs.queue)
+        live = [j for j in queued if not (j.cancelled or j.answered)]
+        running = engine.running
+        left = engine.seconds_left()
+        each = [engine.estimate(j.to_prefill, j.sampling.max_tokens) for j in live]
+        wait = None if left is None or None in each else left + sum(each)
+        rate = engine.prefill_rate.value
+        state: dict[str, Any] = {
+            "waiting": len(queued), "estimated_wait_s": None if wait is None else round(wait, 1),
+            "prefill_tokens_per_s": None if rate is None else round(rate, 1),
+            "running": None if running is None else {
+                "prompt_tokens": running.prompt_tokens, "cached_tokens": running.cached,
+                "to_prefill": running.to_prefill, "prefilled": running.prefilled,
+                "generated": running.generated,
+                "estimated_left_s": None if left is None else round(left, 1)}}
+        return state
+
+    def _busy(self, job: Job) -> APIError:
+        state = self.queue_state()
+        position = state["waiting"] + 1
+        wait, left = state["estimated_wait_s"], (state["running"] or {}).get("estimated_left_s")
+        own = self.engine.estimate(job.to_prefill, job.sampling.max_tokens)
+        running = state["running"]
+        doing = ""
+        if running is not None and running["prefilled"] < running["to_prefill"]:
+            doing = (f"; the running one has read {running['prefilled']} of its {running['to_prefill']} new "
+                     "prompt tokens")
+        if wait is None:
+            when = "no wait estimate yet (no prefill measured)"
+        else:
+            when = (f"it would start in about {wait:.0f} s (prompts are read at "
+                    f"{state['prefill_tokens_per_s']:.0f} tokens/s) and take about {own:.0f} s itself")
+        retry = 5 if left is None else max(1, math.ceil(left))
+        message = (f"the server is busy: {state['waiting']} requests are waiting (--max-queue) and this one "
+                   f"would be number {position} in the queue{doing}; {when}; retry after {retry} s")
+        extra = {"queue_position": position, "estimated_wait_s": wait,
+                 "estimated_seconds": None if own is None else round(own, 1), "queue": state}
+        return APIError(503, message, "server_error", code="server_busy", headers={"Retry-After": str(retry)},
+                        extra=extra)
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.cancelled:
+            try:
+                job = self.jobs.get(timeout=self.POLL)
+            except queue.Empty:
+                if self.stopping:
+                    return
                 continue
-            self.busy, self.current = True, job
+            if job.cancelled or job.answered:
+                continue
+            if self.stopping:
+                job.finish(shutting_down("the server is shutting down; this request had not started"))
+                continue
+            self.current, self.busy = job, True
             try:
                 on_text = job.emit if job.stream else None
                 result = self.engine.generate(job.prompt, job.sampling, on_text=on_text,
-                                              cancelled=lambda job=job: job.cancelled)
-                job.emit(result)
+                                              cancelled=lambda job=job: self._stop_now(job))
+                if result.finish_reason == "cancelled" and not job.cancelled:
+                    job.finish(self._stopped(result))
+                else:
+                    job.finish(result)
             except ContextLengthError as err:
-                job.emit(APIError(400, str(err), param="messages", code="context_length_exceeded"))
+                job.finish(APIError(400, str(err), param="messages", code="context_length_exceeded"))
             except Exception as err:  # noqa: BLE001 - one failed request must not stop the worker
                 logger.exception("request failed")
-                job.emit(APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error"))
+                job.finish(APIError(500, f"generation failed: {type(err).__name__}: {err}", "server_error"))
             finally:
-                self.busy, self.current = False, None
+                self.current, self.busy = None, False
+
+    @staticmethod
+    def _stopped(result: Result) -> APIError:
+        """The answer to a request the shutdown stopped after its grace period."""
+        if result.prefilled < result.to_prefill:
+            where = f"while reading its prompt ({result.prefilled} of {result.to_prefill} new tokens read)"
+        else:
+            where = f"after {result.completion_tokens} generated tokens"
+        return shutting_down(f"the server is shutting down: this request was stopped {where} when the grace "
+                             "period (--grace) ran out; send it again when the server is back")
 
 
 class APIKey:
@@ -173,6 +296,71 @@ class APIKey:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+JSON_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class JSONBody:
+    """Plain ASGI middleware: a POST to a completion route whose ``Content-Type`` is not JSON gets a 415 that
+    says so (FastAPI would answer with a validation message about a dict). No header at all is read as
+    JSON, as FastAPI does."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in JSON_ROUTES:
+            given = dict(scope.get("headers") or []).get(b"content-type")
+            media = None if given is None else given.decode("latin-1").split(";")[0].strip().lower()
+            if media is not None and media != "application/json" and not media.endswith("+json"):
+                error = APIError(415, f"Content-Type {media!r} is not supported: send the request body as "
+                                 "JSON with 'Content-Type: application/json' (curl: -H 'Content-Type: "
+                                 "application/json')", param="Content-Type", code="unsupported_media_type")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AnswerWhenCancelled:
+    """Outermost ASGI middleware: a request task the server cancels (its graceful-shutdown timeout, or the
+    event loop closing on an immediate exit) still answers in OpenAI's shape: a JSON 503 if nothing was
+    sent yet, an SSE error event and ``data: [DONE]`` mid-stream. uvicorn would otherwise send a plain-text
+    500 and log the ``CancelledError`` as a traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "sse": False, "ended": False}
+
+        async def tracked(message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                state["sse"] = content_type.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if state["ended"]:
+                return
+            error = shutting_down("the server is shutting down; this request was not finished")
+            try:
+                if not state["started"]:
+                    await error.response()(scope, receive, send)
+                elif state["sse"]:
+                    body = f"data: {json.dumps(error.body)}\n\ndata: [DONE]\n\n"
+                    await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
+                # any other response cut short is left incomplete (uvicorn closes it): never passed as whole
+            except Exception:  # noqa: BLE001, S110 - the connection is gone: nothing left to tell
+                pass
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
@@ -204,13 +392,17 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         message = f"{param}: {msg}" if param else msg
         return APIError(400, message, param=param, code="invalid_value").response()
 
+    app.add_middleware(JSONBody)
     if api_key is not None:
         app.add_middleware(APIKey, key=api_key)
+    app.add_middleware(AnswerWhenCancelled)  # the last added is the outermost
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize(), "busy": worker.busy,
-                "prefix_cache_mb": round(engine.prefix_cache.nbytes / 2**20, 1), "reach": engine.reach}
+        return {"status": "shutting_down" if worker.stopping else "ok", "model": model_name,
+                "queued": worker.jobs.qsize(), "busy": worker.busy,
+                "prefix_cache_mb": round(engine.prefix_cache.nbytes / 2**20, 1), "reach": engine.reach,
+                "prefill_chunk": engine.prefill_chunk, "queue": worker.queue_state()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -303,8 +495,10 @@ def _lifespan(worker: Worker):
         try:
             yield
         finally:
-            logger.info("shutting down: cancelling the running request, refusing queued ones")
-            await asyncio.to_thread(worker.stop)  # the event loop keeps serving while the worker stops
+            if not worker.stopping:  # stopped without a signal (an embedding program, tests)
+                logger.info("shutting down: stopping the running request, refusing queued ones")
+            worker.begin_shutdown()  # a Ctrl-C began it already: nothing is left running by now
+            await worker.wait_stopped()  # within one chunk or token
 
     return lifespan
 
@@ -373,8 +567,7 @@ async def _stream(job: Job, rid: str, kind: str, name: str, include_usage: bool)
             if isinstance(item, str):
                 yield chunk(item)
             elif isinstance(item, APIError):
-                error = {"message": item.message, "type": item.type, "param": item.param, "code": item.code}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield f"data: {json.dumps(item.body)}\n\n"
                 break
             elif isinstance(item, Result):
                 yield chunk(None, "stop" if item.finish_reason == "stop" else "length")

@@ -4,6 +4,13 @@ The engine knows nothing about HTTP. ``generate`` prefills only the prompt token
 seen, then decodes token by token with the model's own KV cache (whatever method is applied: SelfExtend's
 grouped keys stay in the cache), reporting text as it becomes final. Greedy decoding (``temperature=0``)
 makes the same choices as ``model.generate(do_sample=False)``.
+
+The prefill runs in chunks of ``prefill_chunk`` tokens on one KV cache (exact: each chunk's queries read the
+cache at their true positions, as one pass would), and asks ``cancelled()`` before each chunk and each
+generated token: a client that left or a server shutting down frees the worker within one chunk. A prefill
+stopped that way leaves what it read in the prefix cache, so the same prompt again continues from there.
+Measured throughput (prompt tokens/s, generated tokens/s) and the running request's progress feed the
+server's wait estimates.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import torch
 from .. import api
 from ..integrations.hf.compat import cache_kwarg, output_cache
 from ..methods import truncate_ids
+from . import PREFILL_CHUNK
 from .prefix_cache import PrefixCache
 
 logger = logging.getLogger("selfextend.serve")
 
-PROGRESS_TOKENS = 2048  # prefills at least this long log their progress per quarter of the layers
+PROGRESS_TOKENS = 2048  # prefills of at least this many new tokens log their progress after every chunk
+TYPICAL_ANSWER = 256  # tokens an answer is assumed to take in wait estimates until answers were measured
 
 
 class ContextLengthError(ValueError):
@@ -52,6 +61,8 @@ class Result:
     cached_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    prefilled: int = 0  # new prompt tokens read (all of them unless cancelled during the prefill)
+    to_prefill: int = 0  # new prompt tokens it had to read (the prompt less what the prefix cache held)
 
 
 class StopText:
@@ -91,13 +102,50 @@ def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class Rate:
+    """A ratio of decayed sums (amount / seconds, or tokens / requests): recent records weigh most, and a
+    record weighs by its size, so long prefills dominate the prompt tokens/s that wait estimates use."""
+
+    DECAY = 0.9
+
+    def __init__(self) -> None:
+        self.amount = self.per = 0.0
+
+    def add(self, amount: float, per: float) -> None:
+        self.amount = self.amount * self.DECAY + amount
+        self.per = self.per * self.DECAY + per
+
+    @property
+    def value(self) -> float | None:
+        return self.amount / self.per if self.per > 0 else None
+
+
+@dataclass
+class Progress:
+    """The running request, as the worker thread updates it (read by the server for estimates)."""
+
+    prompt_tokens: int
+    cached: int
+    to_prefill: int  # new prompt tokens this request reads
+    max_tokens: int
+    prefilled: int = 0
+    generated: int = 0
+
+
 class Engine:
     """A model, its tokenizer and a prefix cache; ``generate`` is not re-entrant (one worker calls it)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, cache_bytes: int = 2 << 30,
-                 extend_hint: str = "") -> None:
+                 extend_hint: str = "", prefill_chunk: int = PREFILL_CHUNK) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: use at least 1 token per chunk")
         self.model, self.tokenizer = model, tokenizer
         self.prefix_cache = PrefixCache(cache_bytes)
+        self.prefill_chunk = prefill_chunk
+        self.prefill_rate = Rate()  # prompt tokens / second, per chunk
+        self.decode_rate = Rate()  # generated tokens / second, per request
+        self.answer_tokens = Rate()  # generated tokens / request
+        self.running: Progress | None = None
         self.extend_hint = extend_hint or "start the server with a larger --target-length (or -G)"
         self._cache_arg = cache_kwarg(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -134,30 +182,97 @@ class Engine:
             raise ContextLengthError(needed, reach, self.extend_hint)
         return kept
 
+    def estimate(self, to_prefill: int, max_tokens: int, prefilled: int = 0,
+                 generated: int = 0) -> float | None:
+        """Seconds a request still needs: its unread prompt tokens at the measured prefill rate, then a
+        typical answer (the mean length so far, at most ``max_tokens``) at the measured decode rate; None
+        until a prefill was measured."""
+        prefill = self.prefill_rate.value
+        if prefill is None:
+            return None
+        seconds = max(0, to_prefill - prefilled) / prefill
+        typical = self.answer_tokens.value
+        answer = min(max_tokens, round(typical) if typical is not None else TYPICAL_ANSWER)
+        decode = self.decode_rate.value
+        if decode:
+            seconds += max(0, answer - generated) / decode
+        return seconds
+
+    def seconds_left(self) -> float | None:
+        """The estimate for the running request (0 when none runs)."""
+        now = self.running
+        if now is None:
+            return 0.0
+        return self.estimate(now.to_prefill, now.max_tokens, now.prefilled, now.generated)
+
+    def prefill(self, new: list[int], cache=None, cancelled: Callable[[], bool] = lambda: False,
+                progress: Progress | None = None) -> tuple[torch.Tensor | None, object, int]:
+        """Read ``new`` token ids after what ``cache`` holds, ``prefill_chunk`` tokens per forward pass on one
+        KV cache: ``(logits of the last token, cache, tokens read)``, logits None when ``cancelled()`` said
+        stop before a chunk (the cache then holds exactly the tokens read)."""
+        step, total = self.prefill_chunk, len(new)
+        log = total >= PROGRESS_TOKENS
+        cached = progress.cached if progress is not None else 0
+        if log:
+            logger.info("prefill: %d new tokens (%d cached), %d per chunk", total, cached, step)
+        logits, done, t0 = None, 0, time.perf_counter()
+        while done < total:
+            if cancelled():
+                if log:
+                    logger.info("prefill stopped after %d/%d tokens", done, total)
+                return None, cache, done
+            piece = new[done:done + step]
+            t = time.perf_counter()
+            out = self.model(torch.tensor([piece], device=self.device), use_cache=True, logits_to_keep=1,
+                             **({self._cache_arg: cache} if cache is not None else {}))
+            cache, logits = output_cache(out), out.logits[0, -1]
+            if logits.device.type == "cuda":
+                torch.cuda.synchronize(logits.device)  # time the chunk, not its launch
+            done += len(piece)
+            self.prefill_rate.add(len(piece), time.perf_counter() - t)
+            if progress is not None:
+                progress.prefilled = done
+            if log:
+                elapsed = time.perf_counter() - t0
+                rate = done / elapsed if elapsed > 0 else float("inf")
+                logger.info("prefill %d/%d tokens (%d%%), %.0f tokens/s, about %.0f s left", done, total,
+                            100 * done // total, rate, (total - done) / rate)
+        return logits, cache, done
+
     @torch.no_grad()
     def generate(self, prompt: list[int], params: Sampling, on_text: Callable[[str], None] | None = None,
                  cancelled: Callable[[], bool] = lambda: False) -> Result:
-        """Answer ``prompt`` (token ids); ``on_text`` receives each new piece of final text."""
+        """Answer ``prompt`` (token ids); ``on_text`` receives each new piece of final text. ``cancelled`` is
+        asked before every prefill chunk and every token: True stops with ``finish_reason="cancelled"``."""
         tokens = self.check_length(prompt, params.max_tokens)
         cache, cached = self.prefix_cache.take(tokens)
-        fed = list(tokens)  # tokens whose keys the cache will hold
         generator = None
         if params.temperature != 0:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                       else int(torch.randint(2**62, (1,))))
-        t0 = time.perf_counter()
         new = tokens[cached:]
-        if len(new) >= PROGRESS_TOKENS:
-            logger.info("prefill: %d new tokens (%d cached)", len(new), cached)
-        with _progress(self.model, len(new)):
-            out = self.model(torch.tensor([new], device=self.device), use_cache=True, logits_to_keep=1,
-                             **({self._cache_arg: cache} if cache is not None else {}))
-        cache = output_cache(out)
-        prefill = time.perf_counter() - t0
+        progress = Progress(len(prompt), cached, len(new), params.max_tokens)
+        self.running = progress
+        try:
+            t0 = time.perf_counter()
+            logits, cache, done = self.prefill(new, cache, cancelled, progress)
+            prefill = time.perf_counter() - t0
+            if logits is None:  # stopped between chunks: keep what was read for the same prompt again
+                if cache is not None and cached + done > 0:
+                    self.prefix_cache.put(tokens[:cached + done], cache)
+                return Result("", "cancelled", len(prompt), 0, cached, prefill, 0.0, done, len(new))
+            return self._decode(tokens, logits, cache, params, generator, on_text, cancelled, progress,
+                                cached, prefill)
+        finally:
+            self.running = None
+
+    def _decode(self, tokens: list[int], logits: torch.Tensor, cache, params: Sampling,
+                generator: torch.Generator | None, on_text: Callable[[str], None] | None,
+                cancelled: Callable[[], bool], progress: Progress, cached: int, prefill: float) -> Result:
+        fed = list(tokens)  # tokens whose keys the cache will hold
         t1 = time.perf_counter()
         text, generated, finish = StopText(params.stop), [], "length"
         sent = 0
-        logits = out.logits[0, -1]
         while len(generated) < params.max_tokens:
             if cancelled():
                 finish = "cancelled"
@@ -167,6 +282,7 @@ class Engine:
                 finish = "stop"
                 break
             generated.append(token)
+            progress.generated = len(generated)
             text.update(self.tokenizer.decode(generated, skip_special_tokens=True))
             ready = text.ready
             if on_text is not None and len(ready) > sent:
@@ -186,32 +302,9 @@ class Engine:
         if cache is not None:
             self.prefix_cache.put(fed, cache)
         decode = time.perf_counter() - t1
-        return Result(text.text, finish, len(prompt), len(generated), cached, prefill, decode)
-
-
-class _progress:
-    """Log a long prefill's progress per quarter of the decoder layers (forward hooks, nothing patched)."""
-
-    def __init__(self, model: torch.nn.Module, n_tokens: int) -> None:
-        self.layers = []
-        if n_tokens >= PROGRESS_TOKENS:
-            lists = [m for name, m in model.named_modules() if name.endswith("layers")
-                     and isinstance(m, torch.nn.ModuleList)]
-            self.layers = list(lists[0]) if lists else []
-        self.n_tokens, self.handles, self.done = n_tokens, [], 0
-
-    def __enter__(self):
-        total = len(self.layers)
-        marks = {max(1, round(total * q / 4)) for q in (1, 2, 3)}
-
-        def tick(*_) -> None:
-            self.done += 1
-            if self.done in marks:
-                logger.info("prefill %d tokens: %d/%d layers", self.n_tokens, self.done, total)
-
-        self.handles = [layer.register_forward_hook(tick) for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
+        if finish != "cancelled":
+            if generated and decode > 0:
+                self.decode_rate.add(len(generated), decode)
+            self.answer_tokens.add(len(generated), 1)
+        return Result(text.text, finish, progress.prompt_tokens, len(generated),
+                      cached, prefill, decode, progress.to_prefill, progress.to_prefill)

@@ -81,12 +81,7 @@ class PrefixCache:
         Caches whose sliding-window layers have dropped old keys cannot be cropped: they are reused only
         when nothing needs cropping."""
         with self._lock:
-            best, best_len = None, 0
-            for key, entry in self._entries.items():
-                n = common_prefix(entry.tokens, tokens)
-                reused = min(n, len(tokens) - 1)
-                if reused > best_len and 2 * reused >= len(entry.tokens) and _croppable(entry, reused):
-                    best, best_len = key, reused
+            best, best_len = self._best(tokens)
             if best is None:
                 return None, 0
             entry = self._entries.pop(best)
@@ -97,6 +92,20 @@ class PrefixCache:
             except (RuntimeError, ValueError):  # a cache layer that cannot go back: no reuse, no failure
                 return None, 0
         return entry.cache, best_len
+
+    def reusable(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` ``take`` would reuse now (nothing is taken or cropped)."""
+        with self._lock:
+            return self._best(tokens)[1]
+
+    def _best(self, tokens: list[int]) -> tuple[int | None, int]:
+        best, best_len = None, 0
+        for key, entry in self._entries.items():
+            n = common_prefix(entry.tokens, tokens)
+            reused = min(n, len(tokens) - 1)
+            if reused > best_len and 2 * reused >= len(entry.tokens) and _croppable(entry, reused):
+                best, best_len = key, reused
+        return best, best_len
 
     def put(self, tokens: list[int], cache: Any) -> None:
         """Keep ``cache`` (holding ``tokens``); least recently used entries leave to stay within the bound."""
