@@ -82,3 +82,15 @@ def tokenizer():
 
     path = default_model_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def save_tiny_llama(path, tokenizer):
+    """A tiny random Llama with the embedded tokenizer saved beside it, as a model directory that a
+    subprocess or ``load_model`` can read (its tokenizer.json loads fast)."""
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                  max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import selfextend
 from selfextend import cli
@@ -177,15 +177,7 @@ def test_ask_decides_from_the_prompt_length_not_the_flag(files, capsys):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama with the embedded tokenizer, saved as a model directory a subprocess can load."""
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                  max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), tokenizer)
 
 
 def test_rerun_with_other_settings_is_refused_never_pooled(tiny_dir, tmp_path):

@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 from conftest import build_model, logit_tolerance
+from test_serve import LiveServer
 
 import selfextend
 from selfextend.integrations.hf.compat import cache_kwarg, output_cache
@@ -63,7 +64,7 @@ def long_ids(tokenizer, n: int = 190) -> list[int]:
     return ids[:n]
 
 
-class Stoppable:
+class Stoppable(LiveServer):
     """The CLI's server (``server.Server``) in a thread; ``ctrl_c()`` does what the signal handler does."""
 
     def __init__(self, app, grace: float) -> None:
@@ -75,19 +76,6 @@ class Stoppable:
         self.server = Server(config, app.state.worker, grace)
         self.worker = app.state.worker
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Stoppable:
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
     def ctrl_c(self) -> None:
         self.server.handle_exit(signal.SIGINT, None)

@@ -10,10 +10,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import TRAINED, build_model
+from conftest import TRAINED, build_model, save_tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import selfextend
 from selfextend import cli
@@ -210,14 +209,7 @@ def test_tuned_settings_out_of_range_for_the_model_name_the_file(tuned_file):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama with the embedded tokenizer saved beside it (its tokenizer.json loads fast)."""
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                  max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), tokenizer)
 
 
 @pytest.fixture
