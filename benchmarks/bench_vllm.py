@@ -123,7 +123,7 @@ def transformers_answers(folder: str, items: list[dict], group_size: int, window
 def run(args) -> None:
     from transformers import AutoTokenizer
 
-    from selfextend.integrations.vllm import overrides
+    from selfextend.integrations.vllm import CUDA_NAME, overrides
 
     items = prompts(args.folder)
     ov = overrides(args.folder, target_length=TARGET + 64)
@@ -133,7 +133,7 @@ def run(args) -> None:
     timed = items[2]["ids"]
     cuda = args.device == "cuda"
     common = {"dtype": args.dtype or ("bfloat16" if cuda else "float32")}
-    own = {**common, "enforce_eager": True, **({"attention_backend": "SELFEXTEND"} if cuda else {})}
+    own = {**common, "enforce_eager": True, **({"attention_backend": CUDA_NAME} if cuda else {})}
     plugin = run_engine({"model": args.folder, "hf_overrides": ov, **own}, items, timed, env, work / "plugin")
     uncapped = {**env, "VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
     vanilla = run_engine({"model": args.folder, "max_model_len": TARGET + 128, **common,

@@ -68,6 +68,35 @@ def build_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+# `make test-fast` deselects `slow`: tests that read the embedded GGUF (its weights or its tokenizer) or start
+# processes. A test using one of these fixtures, directly or through another fixture, is slow by that alone.
+SLOW_FIXTURES = {"tokenizer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test without the ``slow`` mark that reaches the embedded model fails naming the mark to add, so an
+    unmarked model load cannot quietly slow `make test-fast` (covers its fixtures' setup too)."""
+    import selfextend.models as models
+
+    original = models.default_model_path
+    if item.get_closest_marker("slow") is None:
+        def refuse():
+            pytest.fail(f"{item.nodeid} reads the embedded model; mark it @pytest.mark.slow", pytrace=False)
+
+        models.default_model_path = refuse
+    try:
+        yield
+    finally:
+        models.default_model_path = original
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param

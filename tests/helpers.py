@@ -1,16 +1,16 @@
-"""Random backend inputs (SelfExtend, DCA), built through the same position/rotation code as the model
-path."""
+"""Random backend inputs: SelfExtend's through the builder every host uses (``attention_inputs``), DCA's
+rotated from scratch at each DCA position (``apply_rope``), independent of the hosts' delta rotations."""
 
 from __future__ import annotations
 
 import torch
 
+from selfextend.attention_inputs import selfextend_inputs, selfextend_maps
 from selfextend.backends import DCAInputs, SelfExtendInputs
+from selfextend.config import SelfExtendConfig
 from selfextend.positions import (
     absolute_key_positions,
     chunk_key_positions,
-    grouped_key_positions,
-    grouped_query_positions,
     inter_chunk_query_positions,
     intra_chunk_query_positions,
     successive_chunk_query_positions,
@@ -35,11 +35,16 @@ def make_inputs(
     else:
         q_pos = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
     k_pos, _ = absolute_key_positions(q_pos, key_valid, q_start, kv_len)
-    qg = rotate_by(q, grouped_query_positions(q_pos, group, window) - q_pos, inv_freq)
-    kg = rotate_by(k, grouped_key_positions(k_pos, group) - k_pos, inv_freq)
-    return SelfExtendInputs(query=q, key=k, value=v, grouped_query=qg, grouped_key=kg, query_pos=q_pos,
-                            key_pos=k_pos, key_valid=key_valid, q_start=q_start, window=window,
-                            scaling=dim**-0.5, softcap=softcap)
+    cfg = SelfExtendConfig(group, window, trained_length=1 << 20)
+    maps = selfextend_maps(cfg)
+
+    def rotate(x, pos, name):
+        return rotate_by(x, maps[name](pos) - pos, inv_freq)
+
+    # every call builds the grouped tensors (max_pos past the window), as a long prompt would
+    return selfextend_inputs(cfg, q, max(window, kv_len), rotate, lambda: rotate(k, k_pos, "key"),
+                             key=k, value=v, query_pos=q_pos, key_pos=k_pos, key_valid=key_valid,
+                             q_start=q_start, scaling=dim**-0.5, softcap=softcap)
 
 
 def real_rows(out: torch.Tensor, inp: SelfExtendInputs) -> torch.Tensor:
@@ -81,28 +86,13 @@ def make_dca_inputs(bsz=1, heads=4, kv_heads=2, kv_len=90, q_len=None, dim=16, c
 
 
 def interpreted_triton_kernel(name: str = "triton_kernel"):
-    """A Triton kernel module of ``selfextend.backends`` built for the interpreter, or None if this process
-    cannot have it (no triton, or the module was imported compiled first).
+    """A Triton kernel module of ``selfextend.backends`` built for the interpreter (a private copy when the
+    process imported it compiled first: ``interpreted.py``), or None without triton. Backends reach a private
+    copy only inside ``interpreted.installed()``."""
+    from interpreted import modules
 
-    ``TRITON_INTERPRET`` must be set when the kernel module is first imported; it is restored afterwards so
-    other tests see the environment they expect."""
-    import importlib
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
-        return None
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = importlib.import_module(f"selfextend.backends.{name}")
-    except ImportError:
+        built = modules()
+    except ImportError:  # a triton that does not import
         return None
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    from selfextend.backends import triton_kernel  # imported (interpreted or not) by every kernel module
-
-    return module if triton_kernel.INTERPRET else None
+    return None if built is None else built[name]

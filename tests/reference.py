@@ -80,7 +80,8 @@ def attention_ref(
     softcap: float | None = None,
     precision: torch.dtype | None = None,
     pair_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    with_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention from un-rotated q, k, v where pair (i, j) is scored at the integer RoPE distance
     ``distance[b, i, j]``, pair by pair, in fp64.
 
@@ -99,9 +100,12 @@ def attention_ref(
         precision: None for the exact fp64 oracle. A low-precision dtype (bf16) rounds every intermediate the
             way a plain attention written in that dtype stores it (rotated q, scores, probabilities, output):
             the error of that computation sets the flash-attention style tolerance of low-precision backends.
+        with_lse: also return each row's log-sum-exp of its scaled, masked scores (what split-KV kernels
+            merge by).
 
     Returns:
-        (B, H, Tq, Dv) in q's dtype.
+        (B, H, Tq, Dv) in q's dtype; with ``with_lse`` also (B, H, Tq) fp64, natural log, ``-inf`` for a row
+        without keys.
     """
     bsz, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -138,7 +142,8 @@ def attention_ref(
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = rounded(torch.where(allowed[:, None], probs, torch.zeros_like(probs)))  # empty rows: NaN -> 0
-    return rounded(probs @ v64).to(q.dtype)
+    out = rounded(probs @ v64).to(q.dtype)
+    return (out, torch.logsumexp(scores, dim=-1)) if with_lse else out
 
 
 def selfextend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
@@ -178,3 +183,18 @@ def dca_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_p
     """Dual Chunk Attention; ``kwargs`` as ``attention_ref``."""
     distance = dca_distance_table(query_pos, key_pos, chunk_size, local_window, exact_below)
     return attention_ref(q, k, v, key_pos, distance, inv_freq, scaling, **kwargs)
+
+
+def fp32_tolerance(expected: torch.Tensor) -> float:
+    """How far an fp32 computation may be off the oracle: fp32 rounding noise (rotations, scores of size
+    ~10, LSE merges) is at most ~1.5e-6 of the output scale at test sizes; 1e-5 leaves a margin and stays ~1e4
+    times below the error of a one-position mistake in the grouped positions (0.6 to 4 seen)."""
+    return 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def rounding_tolerance(plain: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """The flash-attention 2x rule for a computation in ``dtype`` (bf16, fp16): at most twice the error of the
+    same attention written plainly in that dtype (``plain``: the oracle with ``precision=dtype``), plus half
+    an ulp of the output scale for the final rounding."""
+    scale = max(1.0, float(expected.abs().max()))
+    return 2 * float((plain.double() - expected).abs().max()) + torch.finfo(dtype).eps / 2 * scale

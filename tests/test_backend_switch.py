@@ -3,10 +3,11 @@
 Every backend reads the same transformers KV cache (keys rotated at their true positions) and the same
 grouped keys, so ``selfextend.apply(model, ..., backend=other)`` between two forward calls must not
 change a single logit beyond float noise. The Triton kernel runs under the interpreter
-(``TRITON_INTERPRET=1`` set only while its module is imported, as in ``test_triton.py``).
+(its build for the interpreter, ``interpreted.py``, as in ``test_triton.py``).
 """
 
 
+import interpreted
 import pytest
 import torch
 from conftest import build_model
@@ -75,8 +76,8 @@ def test_flex_switch(monkeypatch):
     _check(build_model("llama"), [("flex", "cpu"), ("cpu", "flex")], monkeypatch)
 
 
-@pytest.mark.skipif(KERNEL is None,
-                    reason="triton is not installed or its kernel cannot run interpreted here")
+@pytest.mark.skipif(KERNEL is None, reason="triton is not installed")
 def test_triton_switch(monkeypatch):
     model = build_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
-    _check(model, [("triton", "reference"), ("cpu", "triton"), ("triton", "flex")], monkeypatch)
+    with interpreted.installed():
+        _check(model, [("triton", "reference"), ("cpu", "triton"), ("triton", "flex")], monkeypatch)

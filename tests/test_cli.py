@@ -10,6 +10,7 @@ def _no_progress(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
 
 
+@pytest.mark.slow
 def test_info(capsys):
     assert main(["info", "--target-length", "16384", "--target-length", "32768"]) == 0
     out = capsys.readouterr().out
@@ -18,6 +19,7 @@ def test_info(capsys):
     assert "target   32768: group_size=" in out
 
 
+@pytest.mark.slow
 def test_demo_short_both_answer(capsys):
     assert main(["demo", "--length", "2000", "--depth", "0.5"]) == 0
     out = capsys.readouterr().out
@@ -25,6 +27,7 @@ def test_demo_short_both_answer(capsys):
     assert "expected" in out and "prefill time SelfExtend / vanilla" in out
 
 
+@pytest.mark.slow
 def test_ask_streams_and_reports(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The secret word is pineapple. " + "Filler sentence about nothing. " * 60)

@@ -85,7 +85,7 @@ def test_merge_in_place_in_the_layers_layout(merge, dtype):
     """Both merges against ``merge_lse``: a (B, T, H, D) buffer seen as (B, H, T, D), out_b in another
     dtype, rows where one pass had no keys (-inf, or FlashAttention's +inf)."""
     if merge == "triton" and MERGE is None:
-        pytest.skip("triton is not installed, or its kernels were imported compiled before this module")
+        pytest.skip("triton is not installed")
     fn = MERGE.merge_into if merge == "triton" else merge_into_torch
     g = torch.Generator().manual_seed(0)
     b, h, t, d = 2, 3, 37, 80  # d not a power of two: masked feature lanes

@@ -10,6 +10,7 @@ from conftest import TRAINED, build_model, logit_tolerance
 
 import selfextend
 from selfextend.positions import (
+    DCA_REACH_FACTOR,
     dca_exact_below,
 )
 
@@ -174,3 +175,28 @@ def test_bad_parameters_name_the_fix_and_leave_the_model_alone(kwargs, error, me
     with pytest.raises(error, match=message):
         selfextend.apply(model, method="dca", **kwargs)
     assert selfextend.active(model) is None and model.config._attn_implementation == "sdpa"
+
+
+def test_scale_base_scales_the_remapped_rows_only():
+    """The log scaling (``scale_base``, as SelfExtend's) acts on the queries DCA remaps, from exact_below on:
+    the model stays exactly vanilla within the trained length."""
+    model = build_model("llama")
+    x = ids()
+    dca(model, backend="cpu")
+    plain = logits(model, x)
+    dca(model, backend="cpu", scale_base=TRAINED // 2)
+    scaled = logits(model, x)
+    assert torch.equal(scaled[:, :TRAINED], plain[:, :TRAINED]) and (scaled - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="scale_base=1 divides by ln 1"):
+        dca(model, scale_base=1)
+
+
+def test_a_forward_past_the_reach_warns_once_per_1k_tokens():
+    """As the RoPE-scaling methods do (SelfExtend refuses: its positions would leave the trained range)."""
+    model = build_model("llama")
+    dca(model, backend="cpu")
+    past = DCA_REACH_FACTOR * TRAINED + 1
+    with pytest.warns(RuntimeWarning, match=f"{past} tokens are past DCA's reach {past - 1}") as seen:
+        out = model(ids(past), use_cache=True)
+        model(ids(1, seed=5), past_key_values=out.past_key_values, use_cache=True)  # same 1k: no new warning
+    assert sum("past DCA's reach" in str(w.message) for w in seen) == 1

@@ -38,6 +38,7 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_tensor_parallel_over_two_processes_equals_one(model_dir, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     result = tmp_path / "tp.pt"
@@ -105,6 +106,7 @@ def test_layer_whose_keys_sit_on_another_device_is_a_clear_error():
         SELFEXTEND.forward(layer, query, key, key, None)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_prints_and_writes_once(model_dir, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "tp-eval"

@@ -7,6 +7,8 @@ import torch
 
 import selfextend
 
+pytestmark = pytest.mark.slow
+
 W, G, N = 128, 4, 400
 
 

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from selfextend.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # each test runs a script in its own process
 
 
 def rows(path: Path) -> list[dict]:

@@ -417,3 +417,38 @@ def test_sample_writer_follows_a_replaced_file(tmp_path):
     writer.write({"sample": 1})
     writer.close()
     assert [json.loads(line)["sample"] for line in path.read_text().splitlines()] == [-1, 1]
+
+
+def test_a_finished_cell_that_resolves_differently_now_is_noted_beside_its_table(model, tokenizer, tmp_path):
+    """Re-running a finished eval after ``tune`` saved other settings: the rows stay (they are valid for what
+    made them) and the table says which settings made them and which the label gives now."""
+    config = EvalConfig("passkey", [parse_method("self-extend")], [2400], [0.5], 1, 0)
+    run_eval(model, tokenizer, config, tmp_path, progress=False)
+    path = tmp_path / "samples_passkey.jsonl"
+    [row] = [json.loads(line) for line in path.read_text().splitlines()]
+    g = row["params"]["group_size"]
+    row["params"]["group_size"] = g + 1  # as if the rows had been made before `tune` saved G
+    path.write_text(json.dumps(row) + "\n")
+    run_eval(model, tokenizer, config, tmp_path, progress=False)  # finished: nothing to add, no error
+    assert path.read_text() == json.dumps(row) + "\n"
+    table = report_mod.markdown(report_mod.write_results(tmp_path, "passkey"), "passkey")
+    assert (f"Note: self-extend at 2400 tokens: the rows were made with group_size={g + 1}; it resolves to "
+            f"group_size={g} now") in table
+    row["params"]["group_size"] = g  # the settings agree again: the next run drops the note
+    path.write_text(json.dumps(row) + "\n")
+    run_eval(model, tokenizer, config, tmp_path, progress=False)
+    assert "Note:" not in report_mod.markdown(report_mod.write_results(tmp_path, "passkey"), "passkey")
+
+
+def test_results_json_describes_every_cell_of_the_folder(model, tokenizer, tmp_path):
+    """Two runs into one --out with other lengths and depths: the results JSON's grid is both runs' cells,
+    and each run's own settings stay listed."""
+    first = EvalConfig("passkey", [parse_method("vanilla")], [1200], [0.5], 1, 0)
+    second = EvalConfig("passkey", [parse_method("vanilla")], [2400], [0.25], 1, 0)
+    for config in (first, second):
+        run_eval(model, tokenizer, config, tmp_path, progress=False)
+        result = report_mod.write_results(tmp_path, "passkey", config={
+            "lengths": config.lengths, "depths": config.depths, "methods": ["vanilla"]})
+    assert result["config"]["lengths"] == [1200, 2400] and result["config"]["depths"] == [0.25, 0.5]
+    assert [run["lengths"] for run in result["runs"]] == [[1200], [2400]]
+    assert set(result["results"]["vanilla"]) == {"1200", "2400"}

@@ -190,11 +190,11 @@ def test_rope_methods_refuse_an_already_scaled_model():
 
 
 def test_tuned_settings_are_reused(tmp_path, monkeypatch):
-    from selfextend.methods.tuned import save_tuned
+    from selfextend.tuned import save_tuned
 
     monkeypatch.setenv("SELFEXTEND_TUNED", str(tmp_path / "tuned.json"))
     model = build_model("llama")
-    save_tuned(model, 4 * TRAINED, {"group_size": 5, "window": 8}, {"score": 1.0})
+    save_tuned(model.config, 4 * TRAINED, {"group_size": 5, "window": 8}, {"score": 1.0})
     selfextend.apply(model, target_length=N)
     assert (selfextend.settings(model).group_size, selfextend.settings(model).window) == (5, 8)
     selfextend.apply(model, target_length=10 * TRAINED)  # longer than anything tuned: the authors' rule

@@ -36,18 +36,20 @@ How planted bugs fail (checked on a copy of the repository, 181 tests + 3 skippe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import interpreted
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRAINED, build_model
 from helpers import interpreted_triton_kernel
-from reference import selfextend_attention_ref, selfextend_distance_table
+from reference import fp32_tolerance, selfextend_attention_ref, selfextend_distance_table
 from standins import AtenStandins
 
 import selfextend
@@ -147,12 +149,19 @@ KERNEL = interpreted_triton_kernel()
 MERGE_KERNEL = interpreted_triton_kernel("triton_merge")
 
 
+@pytest.fixture(autouse=True)
+def _interpreted_triton():
+    """The "triton" backend reaches the kernel's interpreted build, whatever this process imported first."""
+    with interpreted.installed() if KERNEL is not None else contextlib.nullcontext():
+        yield
+
+
 def composed_on_cuda_ops(triton_merge: bool = False) -> Backend:
     """The composed backend on its CUDA code path (``CudaOps``) with CPU stand-ins of the aten ops
     (``tests/standins.py``), fp32 admitted so the composition is checked at fp32 tolerance too; the merge in
     torch ops or the Triton kernel under its interpreter."""
     if triton_merge and MERGE_KERNEL is None:
-        pytest.skip("triton is not installed, or its kernels were imported compiled before this module")
+        pytest.skip("triton is not installed")
     ops = CudaOps(aten=AtenStandins(), merge=MERGE_KERNEL.merge_into if triton_merge else merge_into_torch)
     ops.dtypes = (torch.float16, torch.bfloat16, torch.float32)
     return ComposedBackend(ops=ops)
@@ -299,7 +308,7 @@ def build(case: Case, seed: int = 0) -> Built:
 def backend_for(variant: str, inputs: SelfExtendInputs) -> Backend:
     backend = VARIANTS[variant]()
     if variant == "triton" and KERNEL is None:
-        pytest.skip("triton is not installed, or its kernel was imported compiled before this module")
+        pytest.skip("triton is not installed")
     reason = backend.supports(inputs)
     if variant.startswith("flex") and reason is not None and "flex_attention" in reason:
         pytest.skip(reason)
@@ -310,13 +319,6 @@ def backend_for(variant: str, inputs: SelfExtendInputs) -> Backend:
 def error_on_real_rows(out: torch.Tensor, expected: torch.Tensor, real: torch.Tensor) -> float:
     diff = (out.double() - expected).abs().amax(dim=(1, 3))  # (B, q_len)
     return float(diff[real].max())
-
-
-def fp32_tolerance(expected: torch.Tensor) -> float:
-    """fp32 rounding noise of the backends (rotations, fp32 scores of magnitude ~10, LSE merges) is at most
-    ~1.5e-6 of the output scale at these sizes; 1e-5 leaves a margin and stays ~1e4 times below the error of
-    a one-position mistake in the grouped positions (0.6 to 4 seen)."""
-    return 1e-5 * max(1.0, float(expected.abs().max()))
 
 
 @pytest.mark.parametrize(

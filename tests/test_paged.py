@@ -63,14 +63,21 @@ def test_paged_selfextend_equals_oracle(q_len, group_size, window, scale, base):
 
 
 @pytest.mark.parametrize("q_len", [T, 1])
-def test_paged_dca_equals_oracle(q_len):
+@pytest.mark.parametrize("base", [0, 32])
+def test_paged_dca_equals_oracle(q_len, base):
+    """With the log scaling (``scale_base``) on the rows DCA remaps (from ``exact_below`` on) only."""
     q, k, v, q_rot, key_cache, value_cache, blocks = cached_request(1)
-    cfg = DCAConfig(chunk_size=48, local_window=8, trained_length=64, backend="cpu")
+    cfg = DCAConfig(chunk_size=48, local_window=8, trained_length=64, backend="cpu", scale_base=base)
     queries = q_rot[0, :, T - q_len :].transpose(0, 1)
     keys, values = gather(key_cache, blocks, T), gather(value_cache, blocks, T)
     out = PagedDCA(cfg, INV_FREQ).attend(queries, keys, values, D ** -0.5)
     pos = torch.arange(T)[None]
-    want = dca_attention_ref(q[:, :, T - q_len :], k, v, pos[:, T - q_len :], pos, 48, 8, cfg.exact_below,
+    query = q[:, :, T - q_len :].double()
+    if base:  # by hand, in fp64, as for SelfExtend; rows below exact_below keep vanilla's logits
+        rows = pos[0, T - q_len :].double()
+        factor = (torch.log(rows + 1) / math.log(base)).clamp(min=1)
+        query = query * torch.where(rows >= cfg.exact_below, factor, 1.0)[:, None]
+    want = dca_attention_ref(query, k, v, pos[:, T - q_len :], pos, 48, 8, cfg.exact_below,
                              INV_FREQ, D ** -0.5)
     torch.testing.assert_close(out.transpose(0, 1)[None].to(want.dtype), want, atol=2e-5, rtol=1e-4)
 
@@ -91,6 +98,7 @@ def test_rotation_table_grows_and_equals_rotate_by():
                     "backend": "reference", "allow_overflow": True}),
     ("selfextend", {"group_size": 80, "window": 64, "allow_large_group_size": True}),
     ("dca", {"chunk_size": 400, "local_window": 64, "backend": "reference", "vanilla_within_trained": False}),
+    ("dca", {"scale_base": 1024}),
 ])
 def test_overrides_carry_every_resolved_setting(method, params):
     """``overrides_for`` of resolved settings, read back by the plugin, gives the same settings: no setting

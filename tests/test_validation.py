@@ -166,9 +166,9 @@ def tuned_file(tmp_path, monkeypatch):
 
 
 def _key(model):
-    from selfextend.methods.tuned import model_key
+    from selfextend.tuned import model_key
 
-    return model_key(model)
+    return model_key(model.config)
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
-from .config import SelfExtendConfig, check_target_length, trained_length_of
+from .config import SelfExtendConfig
 from .integrations.hf import SUPPORTED_FAMILIES
 from .methods import METHODS, STATE_ATTR, ActiveMethod
+from .params import check_target_length, trained_length_of
 
 logger = logging.getLogger("selfextend")
 
@@ -43,7 +44,7 @@ def apply(
             raise ValueError(f"group_size/window are SelfExtend parameters; method {method!r} takes: "
                              f"{', '.join(sorted(takes)) or '(none)'}")
         params = {"group_size": group_size, "window": window, **params}
-    resolved = impl.resolve(model, target_length, params)  # validates before touching the model
+    resolved = impl.resolve(model.config, target_length, params)  # validates before touching the model
     previous: ActiveMethod | None = getattr(model, STATE_ATTR, None)
     if previous is not None and previous.name != method:
         remove(model)
@@ -78,7 +79,7 @@ def max_length(model: torch.nn.Module) -> int:
     current = active(model)
     if current is None:
         return trained_length_of(model.config)
-    reach = METHODS.get(current.name).reach(model, current.params)
+    reach = METHODS.get(current.name).reach(current.params)
     return trained_length_of(model.config) if reach is None else reach
 
 

@@ -1,4 +1,6 @@
-"""``selfextend`` command line: info, ask, demo. Thin argparse over library calls."""
+"""``selfextend`` command line: info, ask, demo, methods, eval, report, page, tune, serve, lm-eval (lm-eval's
+own command line with the ``selfextend`` model registered) and lm-eval-tasks (task folders for it from our
+generators). Thin argparse over library calls."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .eval.page import add_report_flags
+from .eval.report import add_report_flags
 
 DEMO_LENGTH = 12000  # tokens: past the 8192 trained context; about 45 s per prefill on 2 CPU cores
 DEMO_DEPTH = 0.3  # measured: vanilla fails, SelfExtend G=4 W=1024 answers (see README)
@@ -295,28 +297,31 @@ def vllm_command(args) -> list[str]:
     import json
     import shlex
 
-    from .integrations.vllm import overrides
+    from .integrations.vllm import CUDA_NAME, overrides
 
     if args.model is None or not os.path.isdir(args.model):
         raise ValueError("--engine vllm needs --model DIR, a transformers folder (config.json + "
                          "safetensors): vLLM does not read the embedded GGUF; save it once with "
                          "AutoModelForCausalLM.from_pretrained(...).save_pretrained(DIR)")
-    if args.method is not None and args.method.name not in ("self-extend", "dca"):
-        raise ValueError(f"--engine vllm runs self-extend or dca, not {args.method.name!r}")
+    from .config import ATTENTION_SPECS
+
+    if args.method is not None and args.method.name not in ATTENTION_SPECS:
+        raise ValueError(f"--engine vllm runs {' or '.join(ATTENTION_SPECS)}, not {args.method.name!r}")
     command, installed = _vllm_server(args.model)
     if not args.no_extend:
-        name = "dca" if args.method is not None and args.method.name == "dca" else "selfextend"
         params = dict(args.method.params) if args.method is not None else {}
-        if name == "selfextend" and args.method is None:
-            params.update({k: v for k, v in (("group_size", args.group_size), ("window", args.window)) if v})
         target = args.target_length
-        if name == "selfextend" and target is None and "group_size" not in params:
-            from transformers import AutoConfig
+        if args.method is None:  # SelfExtend from --group-size/--window, else for 4x the trained length
+            params.update({k: v for k, v in (("group_size", args.group_size), ("window", args.window)) if v})
+            if target is None and "group_size" not in params:
+                from transformers import AutoConfig
 
-            target = 4 * AutoConfig.from_pretrained(args.model, local_files_only=True).max_position_embeddings
-        command += ["--hf-overrides", json.dumps(overrides(args.model, name, target_length=target, **params))]
+                config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+                target = 4 * config.max_position_embeddings
+        key = ATTENTION_SPECS[args.method.name if args.method is not None else "self-extend"].override_key
+        command += ["--hf-overrides", json.dumps(overrides(args.model, key, target_length=target, **params))]
         if torch.cuda.is_available():  # on GPUs the plugin's backend is chosen by name (CPU: always active)
-            command += ["--attention-backend", "SELFEXTEND"]
+            command += ["--attention-backend", CUDA_NAME]
     command += ["--host", args.host, "--port", str(args.port), "--served-model-name",
                 args.name or os.path.basename(os.path.normpath(args.model))]
     if args.api_key:
@@ -389,6 +394,27 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_lm_eval_tasks(args) -> int:
+    from .eval.tasks import TASKS
+    from .integrations.lm_eval.tasks import write_tasks
+    from .models import load_tokenizer
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for name in names:
+        TASKS.get(name)  # a typo fails before the tokenizer loads, listing the tasks
+    tokenizer = load_tokenizer(args.model)
+    model = args.model or "embedded:SmolLM2-135M-Instruct"
+    print("\n".join(write_tasks(args.out, tokenizer, names, args.lengths, args.depths, args.samples,
+                                args.seed, model)))
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from .integrations.lm_eval.cli import run
+
+    return run(args.lm_eval_args[1:] if args.lm_eval_args[:1] == ["--"] else args.lm_eval_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_args as check
     from .backends import available_backends
@@ -407,9 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads (default: torch's choice)")
 
     def extension(p, target_help: str):
+        from .config import SELFEXTEND_PARAMS
+
+        described = {param.name: param.help for param in SELFEXTEND_PARAMS}  # SelfExtend's own words
         p.add_argument("--target-length", type=check.positive_int, default=None, help=target_help)
-        p.add_argument("-G", "--group-size", type=check.positive_int, default=None, help="SelfExtend's G")
-        p.add_argument("-W", "--window", type=check.positive_int, default=None, help="SelfExtend's W")
+        p.add_argument("-G", "--group-size", type=check.positive_int, default=None,
+                       help=f"SelfExtend's {described['group_size']}")
+        p.add_argument("-W", "--window", type=check.positive_int, default=None,
+                       help=f"SelfExtend's {described['window']}")
         p.add_argument("--no-extend", action="store_true", help="vanilla attention")
         p.add_argument("--backend", default="auto", choices=available_backends(), help="attention backend")
 
@@ -527,6 +558,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-command", action="store_true",
                    help="--engine vllm: print the `vllm serve` command and exit")
     p.set_defaults(func=cmd_serve, check=check.check_serve_flags)
+
+    p = sub.add_parser("lm-eval-tasks", help="write lm-eval task folders (JSONL + YAML) from selfextend's "
+                       "own generators: the prompts `selfextend eval` makes, for --include_path")
+    p.add_argument("--out", required=True, help="folder to write (YAMLs name their data by this path)")
+    p.add_argument("--tasks", default="passkey", help="comma list of selfextend tasks")
+    p.add_argument("--lengths", default=check.lengths("16k"), type=check.lengths,
+                   help="comma list, e.g. 4k,16k")
+    p.add_argument("--depths", default=check.depths("0.05,0.3,0.5,0.7,0.95"), type=check.depths,
+                   help="fractions, or a count (as `selfextend eval --depths`)")
+    p.add_argument("--samples", type=check.positive_int, default=1,
+                   help="samples per depth (seeds seed, seed + 1, ...)")
+    p.add_argument("--seed", type=check.non_negative_int, default=0)
+    p.add_argument("--model", default=None, type=check.model_ref,
+                   help="the model whose tokenizer sizes the prompts (default: the embedded one)")
+    p.set_defaults(func=cmd_lm_eval_tasks)
+
+    p = sub.add_parser("lm-eval", add_help=False,  # its flags, --help included, are lm-eval's
+                       help="lm-evaluation-harness's command line with the `selfextend` model: --model "
+                            "selfextend --model_args method=...,target_length=... (extra [lm-eval])")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments (lm-eval run --help)")
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 
@@ -536,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main_process():  # under torchrun every rank computes; rank 0 alone prints (errors still show)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, even what looks like our flags
+        argv = ["lm-eval", "--", *argv[1:]]
     try:  # argparse exits on a bad flag: one "error:" line (cli_args.Parser), exit code 2
         args = parser.parse_args(argv)
     except SystemExit as stop:

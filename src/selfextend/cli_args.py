@@ -122,14 +122,6 @@ def method(text: str):
     return specs[0]
 
 
-def method_pair(text: str) -> tuple[str, str]:
-    """Two method labels as they appear in a results table, e.g. ``self-extend,dynamic-ntk``."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
-        raise argparse.ArgumentTypeError(f"{text!r}: give two different method labels, A,B")
-    return parts[0], parts[1]
-
-
 def shard(text: str) -> tuple[int, int]:
     """``K/N`` with ``1 <= K <= N``."""
     k, slash, n = text.partition("/")
@@ -200,28 +192,12 @@ def text_file(name: str) -> Document:
 
 def model_ref(name: str) -> str:
     """A local model directory (with config.json), a .gguf file, or a hub id already in the local cache."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
-            raise argparse.ArgumentTypeError(f"{name} is a directory without config.json or a .gguf file: "
-                                             "not a model directory")
-        if path.is_file() and path.suffix != ".gguf":
-            raise argparse.ArgumentTypeError(f"{name} is a file but not a .gguf model; pass a model "
-                                             "directory or a .gguf file")
-        return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "", 1):
-        raise argparse.ArgumentTypeError(f"{name}: no such file or directory")
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    from .models import check_model_ref
 
-        cached = try_to_load_from_cache(repo_id=name, filename="config.json")
-    except Exception:  # noqa: BLE001 - an id the hub library refuses is not in the cache either
-        cached = None
-    if not isinstance(cached, str):
-        raise argparse.ArgumentTypeError(f"{name} is not found locally (no such path, not in the Hugging "
-                                         "Face cache) and this machine has no hub access; pass a local model "
-                                         "directory or a .gguf file")
-    return name
+    try:
+        return check_model_ref(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def out_dir(name: str) -> Path:

@@ -1,20 +1,36 @@
-"""Every method's settings and their validators, kept apart from the code that uses them.
+"""Every method's settings: its parameters declared once, its validator, its frozen config.
 
 As in transformers' ``modeling_rope_utils``: one validator per method turns what the user passed (plus the
-model config and an optional ``target_length``) into a frozen, complete config, or raises an error that
+model *config* and an optional ``target_length``) into a frozen, complete config, or raises an error that
 names the parameter, the value and the fix. Nothing here touches a model, so a bad parameter leaves the
-model as it was. The methods (``methods/``) call these; the attention code reads the frozen configs.
+model as it was, and the vLLM plugin resolves settings from vLLM's config alone.
+
+The attention methods (SelfExtend, DCA) are described whole by an ``AttentionSpec`` (``ATTENTION_SPECS``):
+parameters, validator, reach, ``hf_overrides`` key and the function that builds backend inputs
+(``attention_inputs.py``). ``methods/`` binds each to its transformers integration, ``integrations/vllm``
+reads the same spec; neither branches on a method's name.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import check_backend_name
+from . import attention_inputs
+from .backends import available_backends, check_backend_name
+from .params import (
+    TRAINED_LENGTH,
+    Param,
+    check_bool,
+    check_number,
+    check_params,
+    check_target_length,
+    defaults,
+    trained_length_of,
+)
 from .positions import (
     DCA_REACH_FACTOR,
     chunk_len,
@@ -31,48 +47,12 @@ from .positions import (
 logger = logging.getLogger("selfextend")
 
 
-# --- shared checks --------------------------------------------------------------------------------------
+# --- shared pieces -------------------------------------------------------------------------------------
 
 
-def trained_length_of(model_config) -> int:
-    """The context the model was trained on: ``max_position_embeddings`` (already includes llama3/yarn
-    scaling)."""
-    length = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(length, int) or length <= 1:
-        raise ValueError(
-            "the model config has no usable max_position_embeddings; pass trained_length=<the context the "
-            "model was trained on>."
-        )
-    return length
-
-
-def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False,
-                 fix: str = "") -> Any:
-    """``value`` if it is a number (an int when ``integer``) at least ``minimum``, else an error naming
-    ``name``."""
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}{'; ' + fix if fix else ''}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, "
-                         f"got {value}{'; ' + fix if fix else ''}")
-    return value
-
-
-def check_target_length(target_length: Any) -> int | None:
-    """``target_length`` as every method takes it: None (not given) or a whole number of tokens >= 1."""
-    if target_length is None:
-        return None
-    return check_number("target_length", target_length, minimum=1, integer=True,
-                        fix="give the number of tokens to read")
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+def backend_param(method: str) -> Param:
+    """The ``backend`` parameter of an attention method, listing the backends that run it."""
+    return Param("backend", str, "auto", f"attention backend: {', '.join(available_backends(method))}")
 
 
 # --- SelfExtend -----------------------------------------------------------------------------------------
@@ -83,27 +63,63 @@ def check_bool(name: str, value: Any) -> bool:
 MAX_GROUP_SIZE = 64
 
 
+SCALE_BASE = Param(
+    "scale_base", int, 0, "> 0: queries x max(1, ln(pos + 1) / ln(scale_base)), the log scaling of the "
+    "LongLM code (its longest passkey runs; use L); 0: off", minimum=0,
+    fix="0 is off (the paper); the authors' code uses the trained length",
+    refused=((1, "divides by ln 1 = 0; use 0 (off) or the trained length"),))
+
+SELFEXTEND_PARAMS = (
+    Param("group_size", int, None, "G: grouped positions are floor(pos / G) (default: from target_length)",
+          minimum=1, fix="group_size=1 is vanilla attention, use group_size >= 2 to extend the context"),
+    Param("window", int, None, "W: keys closer than W keep exact distances (default 1024 for L >= 4096)",
+          minimum=1, fix="the authors use 512..2048, below the trained length"),
+    TRAINED_LENGTH,
+    backend_param("self-extend"),
+    Param("allow_overflow", bool, False, "past the reach (L - W) * G + W: warn instead of raising"),
+    Param("temperature", bool, False, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
+          "(as DCA/YaRN; not in the paper)"),
+    Param("allow_large_group_size", bool, False,
+          f"group_size past {MAX_GROUP_SIZE} (no published result uses more)"),
+    Param("grouped_scale", float, 1.0, "logits of grouped pairs (distance >= W) x this: > 1 sharpens "
+          "the grouped part only (not in the paper)", minimum=0, strict=True,
+          fix="1 is the paper's SelfExtend; values above 1 sharpen the grouped part"),
+    SCALE_BASE,
+)
+_SE = defaults(SELFEXTEND_PARAMS)
+
+
 @dataclass(frozen=True)
 class SelfExtendConfig:
     group_size: int  # G: grouped positions are floor(pos / G)
     window: int  # W: keys closer than W keep their exact RoPE distance
     trained_length: int  # L: the context the model was trained on
-    backend: str = "auto"
-    # past the reach: warn (positions leave the trained range) instead of raising
-    allow_overflow: bool = False
-    temperature: bool = False  # logits x (0.1 ln s + 1)^2 for queries past L, s = (pos + 1) / L
-    allow_large_group_size: bool = False  # group_size past MAX_GROUP_SIZE: untested territory, opt-in
-    grouped_scale: float = 1.0  # logits of grouped pairs x this (> 1 sharpens them); not in the paper
-    scale_base: int = 0  # > 0: queries x max(1, ln(pos + 1) / ln(scale_base)), the LongLM code's option
+    backend: str = _SE["backend"]
+    allow_overflow: bool = _SE["allow_overflow"]
+    temperature: bool = _SE["temperature"]
+    allow_large_group_size: bool = _SE["allow_large_group_size"]
+    grouped_scale: float = _SE["grouped_scale"]
+    scale_base: int = _SE["scale_base"]
 
     @property
-    def max_length(self) -> int:
+    def reach(self) -> int:
         return max_reach(self.trained_length, self.window, self.group_size)
+
+    max_length = reach
+
+    def exact(self, max_pos: int) -> bool:
+        """Whether a call whose largest query position is ``max_pos`` sees every key at its true distance."""
+        return max_pos < self.window or self.group_size == 1
+
+    def scales_queries(self, max_pos: int) -> bool:
+        """Whether some query row up to ``max_pos`` is scaled (temperature, log scaling)."""
+        return bool((self.temperature and max_pos >= self.trained_length)
+                    or (self.scale_base and max_pos + 1 > self.scale_base))
 
     def describe(self) -> str:
         return (
             f"group_size={self.group_size}, window={self.window}, trained_length={self.trained_length}, "
-            f"reach={self.max_length} tokens, backend={self.backend}"
+            f"reach={self.reach} tokens, backend={self.backend}"
             + (", temperature" if self.temperature else "")
             + (f", grouped_scale={self.grouped_scale}" if self.grouped_scale != 1 else "")
             + (f", scale_base={self.scale_base}" if self.scale_base else "")
@@ -112,38 +128,26 @@ class SelfExtendConfig:
 
 def selfextend_config(model_config, params: Mapping[str, Any],
                       target_length: int | None = None) -> SelfExtendConfig:
-    """Validate explicit settings, or derive them from ``target_length`` with the authors' rule.
-
-    Reads ``group_size``, ``window``, ``trained_length`` (default: the model's), ``backend`` (``"auto"``),
-    ``allow_overflow`` (False) and ``temperature`` (False) from ``params``."""
-    group_size, window, trained_length = (params.get("group_size"), params.get("window"),
-                                          params.get("trained_length"))
-    backend, allow_overflow = params.get("backend", "auto"), params.get("allow_overflow", False)
-    temperature = params.get("temperature", False)
-    allow_large = params.get("allow_large_group_size", False)
-    grouped_scale = params.get("grouped_scale", 1.0)
-    scale_base = params.get("scale_base", 0)
-    L = trained_length if trained_length is not None else trained_length_of(model_config)
+    """Validate explicit settings, or derive them from ``target_length`` with the authors' rule."""
+    p = check_params("self-extend", SELFEXTEND_PARAMS, params)
+    group_size, window = p["group_size"], p["window"]
+    L = p["trained_length"] if p["trained_length"] is not None else trained_length_of(model_config)
     check_number("trained_length", L, minimum=2, integer=True)
-    check_backend_name(backend, "self-extend")
-    if target_length is not None:
-        check_number("target_length", target_length, minimum=1, integer=True)
+    check_backend_name(p["backend"], "self-extend")
+    check_target_length(target_length)
     if group_size is None and target_length is None:
         raise ValueError(
             "pass group_size and window (e.g. group_size=4, window=1024), or target_length=<tokens to read> "
             "to choose them by the authors' rule."
         )
-
     if window is None:
         window = recommended_window(L)
-    elif isinstance(window, int) and not isinstance(window, bool) and window >= L:
+    elif window >= L:
         raise ValueError(
             f"window={window} must be smaller than the trained length {L}: neighbor distances must stay in "
             f"the trained range; use window <= {L // 2} (the authors use 512..2048), e.g. "
             f"window={recommended_window(L)}."
         )
-    check_number("window", window, minimum=1, integer=True)
-
     if group_size is None:
         group_size = recommended_group_size(target_length, L, window)
         logger.warning(
@@ -151,33 +155,16 @@ def selfextend_config(model_config, params: Mapping[str, Any],
             "(smallest G with W + (N - W) / G <= 2/3 L, L=%d; reach %d tokens)",
             target_length, group_size, window, L, max_reach(L, window, group_size),
         )
-    elif isinstance(group_size, int) and not isinstance(group_size, bool) and group_size < 1:
-        raise ValueError(
-            f"group_size must be >= 1, got {group_size}; group_size=1 is vanilla attention, "
-            f"use group_size >= 2 to extend the context."
-        )
-    check_number("group_size", group_size, minimum=1, integer=True)
-    check_bool("temperature", temperature)
-    check_number("grouped_scale", grouped_scale, minimum=0, strict=True,
-                 fix="1 is the paper's SelfExtend; values above 1 sharpen the grouped part")
-    check_number("scale_base", scale_base, minimum=0, integer=True,
-                 fix=f"0 is off (the paper); the authors' code uses the trained length, scale_base={L}")
-    if scale_base == 1:
-        raise ValueError(f"scale_base=1 divides by ln 1 = 0; use 0 (off) or the trained length, "
-                         f"scale_base={L}")
-    check_bool("allow_overflow", allow_overflow)
-    check_bool("allow_large_group_size", allow_large)
-    if group_size > MAX_GROUP_SIZE and not allow_large:
-        why = f"target_length={target_length} needs" if params.get("group_size") is None else "you asked for"
+    if group_size > MAX_GROUP_SIZE and not p["allow_large_group_size"]:
+        why = f"target_length={target_length} needs" if p["group_size"] is None else "you asked for"
         raise ValueError(
             f"{why} group_size={group_size}, past {MAX_GROUP_SIZE}, the largest group size published "
             "SelfExtend results use; lower target_length (or raise window), or pass "
             "allow_large_group_size=True to try it."
         )
-
-    cfg = SelfExtendConfig(group_size, window, L, backend, allow_overflow, temperature, allow_large,
-                           float(grouped_scale), int(scale_base))
-    if target_length is not None and target_length > cfg.max_length:
+    cfg = SelfExtendConfig(**{**p, "group_size": group_size, "window": window, "trained_length": L,
+                              "grouped_scale": float(p["grouped_scale"]), "scale_base": int(p["scale_base"])})
+    if target_length is not None and target_length > cfg.reach:
         raise ValueError(
             f"target_length={target_length} exceeds the reach {reach_formula(L, window, group_size)} "
             f"of window={window}, group_size={group_size}; set group_size >= "
@@ -186,9 +173,51 @@ def selfextend_config(model_config, params: Mapping[str, Any],
     return cfg
 
 
+def resolve_selfextend(model_config, target_length: int | None,
+                       params: Mapping[str, Any]) -> SelfExtendConfig:
+    """``selfextend_config``, except that settings ``selfextend tune`` measured for this model win over the
+    authors' ``target_length`` rule."""
+    from .tuned import tuned_path, tuned_settings
+
+    check_params("self-extend", SELFEXTEND_PARAMS, params)
+    check_target_length(target_length)
+    params = dict(params)
+    tuned = None
+    if target_length is not None and params.get("group_size") is None:
+        tuned = tuned_settings(model_config, target_length)
+        if tuned is not None and params.get("window") in (None, tuned["window"]):
+            logger.warning("selfextend: target_length=%d -> tuned settings %s", target_length, tuned)
+            params.update(group_size=tuned["group_size"], window=tuned["window"])
+        else:
+            tuned = None
+    try:
+        return selfextend_config(model_config, params, target_length)
+    except ValueError as err:
+        if tuned is None:
+            raise
+        raise ValueError(f"the tuned settings {tuned} in {tuned_path()} for this model at target_length="
+                         f"{target_length}: {err}") from None
+
+
 # --- Dual Chunk Attention -------------------------------------------------------------------------------
 
 QWEN_DCA_KEY = "dual_chunk_attention_config"  # what Qwen2.5-1M configs carry
+
+
+DCA_PARAMS = (
+    Param("chunk_size", int, None, "cs < L: largest query position (default 3L/4, or Qwen's config)",
+          minimum=2, fix="the default is 3L/4"),
+    Param("local_window", int, None, "w < cs: chunk_len = cs - w; exact distances to the previous chunk "
+          "while i mod chunk_len <= w (default L/16)", minimum=1, fix="the default is L/16"),
+    TRAINED_LENGTH,
+    Param("temperature", bool, None, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
+          "(default: on for models with Qwen's dual_chunk_attention_config, else off)"),
+    Param("vanilla_within_trained", bool, True, "queries before the trained length keep plain RoPE: "
+          "the model is exactly vanilla within L"),
+    backend_param("dca"),
+    SCALE_BASE,  # on the queries DCA rotates (from exact_below on), as SelfExtend's on its grouped ones
+)
+_DCA = defaults(DCA_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -196,9 +225,10 @@ class DCAConfig:
     chunk_size: int  # cs: largest query position, hence largest distance
     local_window: int  # w: the nearest keys of the previous chunk keep exact distances up to i mod cl <= w
     trained_length: int  # L
-    temperature: bool = False
-    vanilla_within_trained: bool = True
-    backend: str = "auto"
+    temperature: bool = False  # its default depends on the model (Qwen's config): resolved, never None here
+    vanilla_within_trained: bool = _DCA["vanilla_within_trained"]
+    backend: str = _DCA["backend"]
+    scale_base: int = _DCA["scale_base"]
 
     @property
     def chunk_len(self) -> int:
@@ -213,11 +243,19 @@ class DCAConfig:
     def reach(self) -> int:
         return DCA_REACH_FACTOR * self.trained_length
 
+    def exact(self, max_pos: int) -> bool:
+        """Whether a call whose largest query position is ``max_pos`` sees every key at its true distance."""
+        return max_pos < self.exact_below
+
+    def scales_queries(self, max_pos: int) -> bool:
+        return False  # the temperature applies past exact_below only, where DCA's queries are rotated anyway
+
     def describe(self) -> str:
         return (
             f"chunk_size={self.chunk_size}, local_window={self.local_window} (chunk_len={self.chunk_len}), "
             f"trained_length={self.trained_length}, temperature={self.temperature}, "
             f"vanilla_within_trained={self.vanilla_within_trained}, backend={self.backend}"
+            + (f", scale_base={self.scale_base}" if self.scale_base else "")
         )
 
 
@@ -235,14 +273,12 @@ def qwen_dca_config(model_config) -> dict | None:
 
 
 def dca_config(model_config, params: Mapping[str, Any], target_length: int | None = None) -> DCAConfig:
-    """Validate DCA settings; defaults from Qwen's config when the model ships one, else 3L/4 and L/16.
-
-    Reads ``chunk_size``, ``local_window``, ``trained_length``, ``temperature`` (default: on with Qwen's
-    config), ``vanilla_within_trained`` (True) and ``backend`` (``"auto"``) from ``params``."""
-    chunk_size, local_window = params.get("chunk_size"), params.get("local_window")
-    trained_length, temperature = params.get("trained_length"), params.get("temperature")
-    vanilla_within_trained, backend = (params.get("vanilla_within_trained", True),
-                                       params.get("backend", "auto"))
+    """Validate DCA settings; defaults from Qwen's config when the model ships one, else 3L/4 and L/16 (and
+    the temperature on with Qwen's config, as Qwen always pairs DCA with it)."""
+    p = check_params("dca", DCA_PARAMS, params)
+    chunk_size, local_window = p["chunk_size"], p["local_window"]
+    trained_length, temperature = p["trained_length"], p["temperature"]
+    vanilla_within_trained, backend = p["vanilla_within_trained"], p["backend"]
     qwen = qwen_dca_config(model_config)
     from_qwen = qwen is not None and chunk_size is None and local_window is None
     if qwen is not None and trained_length is None and "original_max_position_embeddings" in qwen:
@@ -274,7 +310,7 @@ def dca_config(model_config, params: Mapping[str, Any], target_length: int | Non
     temperature = check_bool("temperature", qwen is not None if temperature is None else temperature)
     check_bool("vanilla_within_trained", vanilla_within_trained)
     check_backend_name(backend, "dca")
-    cfg = DCAConfig(cs, w, L, temperature, vanilla_within_trained, backend)
+    cfg = DCAConfig(cs, w, L, temperature, vanilla_within_trained, backend, p["scale_base"])
     if target_length is not None:
         check_number("target_length", target_length, minimum=1, integer=True)
         if target_length <= L and vanilla_within_trained:
@@ -291,6 +327,37 @@ def dca_config(model_config, params: Mapping[str, Any], target_length: int | Non
     return cfg
 
 
+# --- the attention methods, described whole -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What every host needs of an attention method, so none branches on its name."""
+
+    name: str
+    override_key: str  # its key in vLLM's ``hf_overrides``
+    params: tuple[Param, ...]
+    config_class: type
+    resolve: Callable[[Any, int | None, Mapping[str, Any]], Any]  # (model config, target_length, params)
+    maps: Callable[[Any], dict[str, Callable]]  # config -> position maps; "key": where keys are read
+    inputs: Callable[..., Any]  # the backend inputs (``attention_inputs``)
+    reach_is_limit: bool  # past the reach positions leave the trained range, else only quality is untested
+    always_explicit: tuple[str, ...]  # fields hf_overrides always carries: their defaults depend on the model
+    clears: tuple[str, ...] = ()  # model config keys the overrides set to None (the model's own settings)
+
+
+ATTENTION_SPECS = {spec.name: spec for spec in (
+    AttentionSpec("self-extend", "selfextend", SELFEXTEND_PARAMS, SelfExtendConfig, resolve_selfextend,
+                  attention_inputs.selfextend_maps, attention_inputs.selfextend_inputs, reach_is_limit=True,
+                  always_explicit=("group_size", "window", "trained_length")),
+    AttentionSpec("dca", "dca", DCA_PARAMS, DCAConfig,
+                  lambda model_config, n, params: dca_config(model_config, params, n),
+                  attention_inputs.dca_maps, attention_inputs.dca_inputs, reach_is_limit=False,
+                  always_explicit=("chunk_size", "local_window", "trained_length", "temperature",
+                                   "vanilla_within_trained"), clears=(QWEN_DCA_KEY,)),
+)}
+
+
 # --- RoPE scaling and baselines -------------------------------------------------------------------------
 
 
@@ -304,7 +371,6 @@ def rope_scaling_factor(method: str, factor: float | None, target_length: int | 
             raise ValueError(f"method {method!r} needs factor=<scale >= 1> "
                              "or target_length=<tokens to read>.")
         factor = max(1.0, target_length / trained_length)
-    check_number("factor", factor, minimum=1.0, fix="factor=1 is vanilla; use factor = target_length / L")
     reach = math.floor(trained_length * factor)
     if target_length is not None and bounded and target_length > reach:
         raise ValueError(
@@ -334,9 +400,11 @@ def check_yarn_betas(beta_fast: float | None, beta_slow: float | None) -> None:
 def truncate_keep(keep: int | None, headroom: int | None, trained_length: int) -> int:
     """Prompt tokens ``truncate`` keeps: given, or ``L - headroom`` (headroom default ``min(64, L // 8)``)."""
     headroom = min(64, trained_length // 8) if headroom is None else headroom
-    check_number("headroom", headroom, minimum=0, integer=True)
-    keep = trained_length - headroom if keep is None else keep
-    check_number("keep", keep, minimum=1, integer=True)
+    if keep is None:
+        keep = trained_length - headroom
+        if keep < 1:
+            raise ValueError(f"headroom={headroom} leaves no prompt token of the trained length "
+                             f"{trained_length}; use headroom < {trained_length}.")
     if keep > trained_length:
         raise ValueError(f"keep={keep} exceeds the trained length {trained_length}; use keep <= "
                          f"{trained_length - headroom}.")

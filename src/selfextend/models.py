@@ -85,6 +85,32 @@ def load_tokenizer(name: str | os.PathLike | None = None, **kwargs):
     return AutoTokenizer.from_pretrained(directory, **{**load_kwargs, **kwargs})
 
 
+def check_model_ref(name: str) -> str:
+    """``name`` if it is a local model directory (with config.json or a .gguf), a .gguf file, or a hub id
+    already in the local cache (this machine has no hub access), else a ValueError saying which it is not."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise ValueError(f"{name} is a directory without config.json or a .gguf file: not a model "
+                             "directory")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ValueError(f"{name} is a file but not a .gguf model; pass a model directory or a .gguf "
+                             "file")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "", 1):
+        raise ValueError(f"{name}: no such file or directory")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id=name, filename="config.json")
+    except Exception:  # noqa: BLE001 - an id the hub library refuses is not in the cache either
+        cached = None
+    if not isinstance(cached, str):
+        raise ValueError(f"{name} is not found locally (no such path, not in the Hugging Face cache) and "
+                         "this machine has no hub access; pass a local model directory or a .gguf file")
+    return name
+
+
 def _where(name: str | os.PathLike | None) -> tuple[str, dict]:
     """The directory ``from_pretrained`` reads and the keywords that locate the files in it."""
     path = default_model_path() if name is None else Path(name)

@@ -296,6 +296,5 @@ def default_chunk_size(trained_length: int) -> int:
 
 
 def default_local_window(trained_length: int) -> int:
-    """1/16 of the trained length (the issue's choice and ChunkLlama's first release; its current code uses
-    L/8)."""
+    """1/16 of the trained length, the value of ChunkLlama's first release (its current code uses L/8)."""
     return max(1, trained_length // 16)

@@ -7,9 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..config import trained_length_of
+from .params import trained_length_of
 
 
 def tuned_path() -> Path:
@@ -18,10 +16,12 @@ def tuned_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "selfextend" / "tuned.json"
 
 
-def model_key(model: torch.nn.Module) -> str:
-    """Identifies a model across processes: its path or hub id, family and trained length."""
-    cfg = model.config
-    name = getattr(cfg, "_name_or_path", "") or type(model).__name__
+def model_key(model_config: Any) -> str:
+    """Identifies a model across processes from its config: its path or hub id (else its architecture),
+    family and trained length."""
+    cfg = model_config
+    name = (getattr(cfg, "_name_or_path", "") or next(iter(getattr(cfg, "architectures", None) or []), "")
+            or type(cfg).__name__)
     return f"{name}|{cfg.model_type}|{trained_length_of(cfg)}"
 
 
@@ -42,7 +42,7 @@ def load_tuned() -> dict[str, Any]:
 def check_tuned(data: Any, path: Path) -> None:
     """``{model key: {target length: {"group_size": G, "window": W, ...}}}``, G and W checked as ``apply``
     checks them (``Param.check``); anything else is an error naming ``path`` and the field."""
-    from . import METHODS
+    from .config import SELFEXTEND_PARAMS
 
     def bad(where: str, why: str) -> ValueError:
         return ValueError(f"tuned settings {path}: {where}{why}; fix the file or delete it "
@@ -51,7 +51,7 @@ def check_tuned(data: Any, path: Path) -> None:
     shape = '{"<model key>": {"<target length>": {"group_size": G, "window": W}}}'
     if not isinstance(data, dict):
         raise bad("the file", f" holds a JSON {type(data).__name__}, not an object {shape}")
-    params = {p.name: p for p in METHODS.get("self-extend").params}
+    params = {p.name: p for p in SELFEXTEND_PARAMS}
     for key, entries in data.items():
         if not isinstance(entries, dict):
             raise bad(f"entry [{key!r}]", f" is {entries!r}, not an object of target lengths: {shape}")
@@ -70,11 +70,11 @@ def check_tuned(data: Any, path: Path) -> None:
                     raise bad(where, f": {err}") from None
 
 
-def save_tuned(model: torch.nn.Module, target_length: int, settings: dict[str, Any],
+def save_tuned(model_config: Any, target_length: int, settings: dict[str, Any],
                evidence: dict[str, Any]) -> Path:
     path = tuned_path()
     data = load_tuned()
-    data.setdefault(model_key(model), {})[str(target_length)] = {**settings, "evidence": evidence}
+    data.setdefault(model_key(model_config), {})[str(target_length)] = {**settings, "evidence": evidence}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -82,9 +82,9 @@ def save_tuned(model: torch.nn.Module, target_length: int, settings: dict[str, A
     return path
 
 
-def tuned_settings(model: torch.nn.Module, target_length: int) -> dict[str, int] | None:
+def tuned_settings(model_config: Any, target_length: int) -> dict[str, int] | None:
     """The tuned ``{group_size, window}`` for the smallest tuned length >= ``target_length``, if any."""
-    entries = load_tuned().get(model_key(model), {})
+    entries = load_tuned().get(model_key(model_config), {})
     lengths = sorted(int(n) for n in entries if int(n) >= target_length)
     if not lengths:
         return None

@@ -1,9 +1,13 @@
 """Attention backends behind one contract (``base.py``), in one registry, chosen by one policy.
 
-Each backend states which methods' inputs it computes (``Backend.methods``): ``reference`` and ``cpu`` run
-SelfExtend and DCA, ``flex`` and ``triton`` (GPU; their modules import flex_attention / triton lazily, so
-this package imports without them) run SelfExtend. ``"auto"`` tries them in ``AUTO_ORDER`` for the tensors'
-device and takes the first that supports the input.
+Each backend states which methods' inputs it computes (``Backend.methods``): ``reference``, ``composed``
+and ``cpu`` run SelfExtend and DCA, ``flex`` and ``triton`` run SelfExtend. ``"auto"`` tries them in
+``AUTO_ORDER`` for the tensors' device and takes the first that supports the input.
+
+The GPU backends are lazy registry entries: their modules load on first lookup, so ``import selfextend``
+neither pays for them nor breaks when their toolchains are half installed. Their ``methods`` are declared
+beside the entry, so listing and validating backend names (``BACKENDS.peek``) never imports them; the
+registry checks the declaration against the class when it loads.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from .base import Backend, DCAInputs, Inputs, SelfExtendInputs
 
 logger = logging.getLogger("selfextend")
 
-BACKENDS: Registry[Backend] = Registry("backend")
+BACKENDS: Registry[Backend] = Registry("backend", base=Backend)
 
-from . import composed, flex, reference, triton  # noqa: E402,F401  (each registers itself)
+from . import composed, reference  # noqa: E402,F401  (each registers itself)
+
+BACKENDS.add("flex", "selfextend.backends.flex:FlexBackend", methods=("self-extend",))
+BACKENDS.add("triton", "selfextend.backends.triton:TritonBackend", methods=("self-extend",))
 
 AUTO_ORDER = ("composed", "reference")
 AUTO_ORDER_CUDA = ("composed", "triton", "flex", "cpu", "reference")
@@ -27,7 +34,7 @@ _fallback_logged: set[tuple[str, str]] = set()
 def available_backends(method: str = "self-extend") -> list[str]:
     """``auto``, then the backends of ``method`` that run anywhere, then the GPU ones."""
     names = [n for n in (*AUTO_ORDER, *sorted(set(BACKENDS) - set(AUTO_ORDER)))
-             if method in BACKENDS[n].methods]
+             if method in BACKENDS.peek(n, "methods")]
     return ["auto", *names]
 
 
@@ -38,7 +45,7 @@ def check_backend_name(name: str, method: str = "self-extend") -> str:
     choices = ", ".join(available_backends(method))
     if name not in BACKENDS:
         raise ValueError(f"Unknown backend {name!r}. Available: {choices}.")
-    if method not in BACKENDS[name].methods:
+    if method not in BACKENDS.peek(name, "methods"):
         raise ValueError(f"Backend {name!r} does not run {method}. Available for {method}: {choices}.")
     return name
 
@@ -68,9 +75,9 @@ def select_backend(name: str, inputs: Inputs) -> Backend:
             logger.warning("selfextend: backend %r cannot run this input (%s); falling back to 'auto'",
                            name, reason)
     for candidate in AUTO_ORDER_CUDA if inputs.query.is_cuda else AUTO_ORDER:
-        backend = BACKENDS[candidate]
-        if candidate == name or method not in backend.methods:
+        if candidate == name or method not in BACKENDS.peek(candidate, "methods"):
             continue
+        backend = BACKENDS[candidate]
         reason = backend.supports(inputs)
         if reason is None:
             return backend

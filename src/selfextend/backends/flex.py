@@ -30,7 +30,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import BACKENDS
 from .base import Backend, SelfExtendInputs
 from .merge import merge_lse
 
@@ -70,7 +69,6 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
-@BACKENDS.register()
 class FlexBackend(Backend):
     """Two block-sparse FlexAttention passes (neighbor band, grouped rest) merged by LSE."""
 

@@ -3,7 +3,9 @@
 This module is the interface only and imports triton lazily, so ``selfextend`` imports on machines
 without it. What the kernel does and why is documented in ``triton_kernel.py``; here:
 
-* ``supports`` says why an input cannot run (head dim outside {64, 128, 256}, tensors not on CUDA unless
+* ``KERNELS`` declares what the kernels compute (head dims, dtypes, soft-capping); the vLLM plugin's paged
+  path checks the same declaration.
+* ``supports`` says why an input cannot run (head dim or dtype outside ``KERNELS``, tensors not on CUDA unless
   the kernel was built under ``TRITON_INTERPRET=1``, logit soft-capping, padding with holes, triton
   missing). ``select_backend`` logs the reason and falls back (``auto`` and an explicit
   ``backend="triton"`` alike: a model whose layers or inputs are partly outside the kernel's range still
@@ -17,19 +19,46 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-from . import BACKENDS
 from .base import Backend, SelfExtendInputs, contiguous_padding
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: exact (ieee) products, for tests
+
+@dataclass(frozen=True)
+class KernelCapabilities:
+    """What the fused Triton kernels compute, declared once: the contiguous kernel's backend
+    (``TritonBackend``) and the vLLM plugin's paged path (``PagedSelfExtend.paged_reason``) both check
+    inputs against it, without importing triton."""
+
+    head_dims: tuple[int, ...]  # of q/k and of v; powers of two (tl.arange), sizes the tile configs cover
+    dtypes: tuple[torch.dtype, ...]  # q, k and v alike
+    softcap: bool  # Gemma 2's logit soft-capping
+
+    def dtype_names(self) -> str:
+        return ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+
+    def head_dim_reason(self, dim: int, dim_v: int) -> str | None:
+        """Why the kernels cannot take these head dims (None: they can)."""
+        if dim in self.head_dims and dim_v in self.head_dims:
+            return None
+        return f"head dim {dim} (value {dim_v}) is not one of {self.head_dims}"
+
+    def dtype_reason(self, *dtypes: torch.dtype) -> str | None:
+        """Why the kernels cannot take tensors of these dtypes (None: they can)."""
+        if len(set(dtypes)) == 1 and dtypes[0] in self.dtypes:
+            return None
+        return (f"dtype {sorted(map(str, set(dtypes)))} is not one of {self.dtype_names()} "
+                "(all of q, k, v alike)")
 
 
-def _dtype_names() -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+KERNELS = KernelCapabilities(
+    head_dims=(64, 128, 256),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),  # fp32: exact (ieee) products, for tests
+    softcap=False,
+)
 
 
 def load_kernel() -> ModuleType | None:
@@ -40,7 +69,6 @@ def load_kernel() -> ModuleType | None:
         return None
 
 
-@BACKENDS.register()
 class TritonBackend(Backend):
     """Fused SelfExtend attention on CUDA (prefill and split-KV decode, native GQA, fp16/bf16)."""
 
@@ -50,21 +78,20 @@ class TritonBackend(Backend):
 
     def validate(self, inp: SelfExtendInputs) -> None:
         """Errors that falling back would hide: called when this backend is requested by name."""
-        if inp.query.dtype not in SUPPORTED_DTYPES:
+        if inp.query.dtype not in KERNELS.dtypes:
             raise ValueError(
                 f"backend='triton' does not support dtype {inp.query.dtype}; "
-                f"supported dtypes: {_dtype_names()}. "
+                f"supported dtypes: {KERNELS.dtype_names()}. "
                 "Load the model in one of them, or use backend='auto'."
             )
 
     def supports(self, inp: SelfExtendInputs) -> str | None:
-        dim, dim_v = inp.query.shape[-1], inp.value.shape[-1]
-        if dim not in SUPPORTED_HEAD_DIMS or dim_v not in SUPPORTED_HEAD_DIMS:
-            return f"head dim {dim} (value {dim_v}) is not one of {SUPPORTED_HEAD_DIMS}"
-        dtypes = {t.dtype for t in (inp.query, inp.key, inp.value, inp.grouped_query, inp.grouped_key)}
-        if len(dtypes) != 1 or inp.query.dtype not in SUPPORTED_DTYPES:
-            return f"dtype {sorted(map(str, dtypes))} is not one of {_dtype_names()} (all of q, k, v alike)"
-        if inp.softcap is not None:
+        tensors = (inp.query, inp.key, inp.value, inp.grouped_query, inp.grouped_key)
+        reason = (KERNELS.head_dim_reason(inp.query.shape[-1], inp.value.shape[-1])
+                  or KERNELS.dtype_reason(*(t.dtype for t in tensors)))
+        if reason is not None:
+            return reason
+        if inp.softcap is not None and not KERNELS.softcap:
             return "logit soft-capping (Gemma 2) is not implemented in the kernel"
         if not contiguous_padding(inp):
             return "padding is not one contiguous block per row"

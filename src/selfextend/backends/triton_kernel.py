@@ -20,8 +20,11 @@ One kernel, ``_selfextend_fwd``, serves prefill, chunked prefill and decode:
   end of the keys, or padding.
 * **One online softmax** over neighbor and grouped scores together: no merge inside the kernel.
 * **Split-KV decode.** With few query rows the key range is cut into ``num_splits`` parts that run as
-  separate programs, each writing an fp32 partial output and its log-sum-exp; ``_combine`` merges them
+  separate programs, each writing an fp32 partial output and its log-sum-exp; ``combine`` merges them
   by LSE.
+
+The loop around the tiles (GQA rows, split range, tile-class bounds, online softmax, epilogue, launch
+heuristics) is ``triton_common.py``, shared with the paged kernel; this module scores a tile.
 
 RoPE: the kernel consumes the grouped q/k that ``SelfExtendInputs`` already carries (rotated by fp32
 deltas in ``rope.py``; grouped keys are rotated once per key, in the KV cache, by
@@ -43,41 +46,35 @@ import torch
 import triton
 import triton.language as tl
 
-_BIG = tl.constexpr(1 << 30)  # "no position" sentinel for min/max over masked lanes
-_NEIGHBOR, _GROUPED, _BOUNDARY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+from .triton_common import (
+    BIG,
+    BOUNDARY,
+    GROUPED,
+    INTERPRET,
+    NEIGHBOR,
+    TileConfigs,
+    add_fn,
+    class_bounds,
+    combine,
+    max_fn,
+    min_fn,
+    packed_rows,
+    program_ids,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
+    split_range,
+    store_partials,
+    tile_loop,
+)
 
-# Reductions call tl.reduce with the library's own combine functions (exactly what tl.max / tl.sum
-# compile to) instead of tl.max / tl.sum: those are @jit functions fixed when triton is first imported,
-# and torch / transformers import triton before a test can set TRITON_INTERPRET, after which the
-# interpreter cannot call them. The interpreter recognises these combine functions and runs numpy
-# reductions without calling them; our own fallbacks (slow under the interpreter) cover triton versions
-# that rename them.
-
-
-@triton.jit
-def _max_fallback(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _min_fallback(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def _add_fallback(a, b):
-    return a + b
-
-
-_max = getattr(tl.standard, "_elementwise_max", _max_fallback)
-_min = getattr(tl.standard, "_elementwise_min", _min_fallback)
-_add = getattr(tl.standard, "_sum_combine", _add_fallback)
+__all__ = ["INTERPRET", "LAUNCH", "selfextend_attention"]
 
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, qg, qpos, qi, k_tile, kg_tile, v_tile, KPOS_ROW, KVALID_ROW, start_n, end, causal_lim,
-    Q_START, WINDOW, qk_scale, TILES,
+    acc, m_i, l_i, start_n, q, qg, qpos, k_last, K_BASE, KG_BASE, V_BASE, KPOS_ROW, KVALID_ROW, end,
+    causal_lim, WINDOW, qk_scale, TILES,
     KIND: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
@@ -90,13 +87,16 @@ def _attend_tile(
     offs_n = start_n + offs_t
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
+    tile = tl.cast(start_n, tl.int64)
+    k_tile = K_BASE + tile * HEAD_DIM
+    kg_tile = KG_BASE + tile * HEAD_DIM
     k_ok = offs_n < end
     if HAS_PAD:
         k_ok = k_ok & (tl.load(KVALID_ROW + offs_n, mask=k_ok, other=0) != 0)
-    if KIND == _NEIGHBOR:
+    if KIND == NEIGHBOR:
         k = tl.load(k_tile + offs_t[None, :] * HEAD_DIM + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         qk = tl.dot(q, k, input_precision="ieee")
-    elif KIND == _GROUPED:
+    elif KIND == GROUPED:
         kg = tl.load(kg_tile + offs_t[None, :] * HEAD_DIM + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         qk = tl.dot(qg, kg, input_precision="ieee")
     else:  # boundary: both products, chosen per element by the position distance
@@ -108,19 +108,10 @@ def _attend_tile(
                       tl.dot(qg, kg, input_precision="ieee"))
     if COUNT_TILES:
         tl.atomic_add(TILES + KIND, 1)
-    qk = qk * qk_scale
-    n_ok = tl.reduce(k_ok.to(tl.int32), 0, _add)
-    if (start_n + BLOCK_N > causal_lim) | (n_ok < BLOCK_N):  # crosses the diagonal, the end or padding
-        allowed = k_ok[None, :] & (offs_n[None, :] <= (Q_START + qi)[:, None])
-        qk = tl.where(allowed, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no inf - inf
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.reduce(p, 1, _add)
-    v = tl.load(v_tile + offs_t[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=k_ok[:, None], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-    return acc, m_new, l_i
+    n_ok = tl.reduce(k_ok.to(tl.int32), 0, add_fn)
+    masked = (start_n + BLOCK_N > causal_lim) | (n_ok < BLOCK_N)  # crosses the diagonal, the end or padding
+    v_ptrs = V_BASE + tile * HEAD_DIM_V + offs_t[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    return softmax_step(acc, m_i, l_i, qk, qk_scale, masked, k_ok, offs_n, k_last, v_ptrs)
 
 
 @triton.jit
@@ -136,18 +127,10 @@ def _selfextend_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COUNT_TILES: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    pid_m, b, hk, pid_s = program_ids(HKV)
     b64 = b.to(tl.int64)
-    R = M * REP
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
-    qi = rows // REP  # query index
-    hq = (hk * REP + rows % REP).to(tl.int64)  # query head
+    rows, row_ok, qi, hq, i_lo, i_hi = packed_rows(pid_m, hk, M, REP, BLOCK_M)
+    hq = hq.to(tl.int64)
     qi64 = qi.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -158,12 +141,10 @@ def _selfextend_fwd(
     q_ok = row_ok
     if HAS_PAD:
         q_ok = row_ok & (tl.load(KVALID_ROW + Q_START + qi, mask=row_ok, other=0) != 0)
-    qmin = tl.reduce(tl.where(q_ok, qpos, _BIG), 0, _min)
-    qmax = tl.reduce(tl.where(q_ok, qpos, -_BIG), 0, _max)
+    qmin = tl.reduce(tl.where(q_ok, qpos, BIG), 0, min_fn)
+    qmax = tl.reduce(tl.where(q_ok, qpos, -BIG), 0, max_fn)
 
     # keys this tile can see: causal bound from its last query, padding bound from the row's first key
-    i_lo = (pid_m * BLOCK_M) // REP
-    i_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // REP, M - 1)
     causal_lim = Q_START + i_lo + 1  # key tiles ending past this cross the diagonal of some row
     hi = tl.minimum(N, Q_START + i_hi + 1)
     first = 0
@@ -171,70 +152,40 @@ def _selfextend_fwd(
         first = tl.load(KFIRST + b)
     lo = (first // BLOCK_N) * BLOCK_N
     hi = tl.where(qmin <= qmax, hi, lo)  # no real query in this tile: nothing to do
-    if SPLIT:
-        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
-        per = (n_tiles + n_splits - 1) // n_splits
-        start = lo + pid_s * per * BLOCK_N
-        end = tl.minimum(hi, start + per * BLOCK_N)
-    else:
-        start = lo
-        end = hi
-    end = tl.maximum(end, start)
-
-    # phase limits: real key j has position p0 + (j - first), so key j is grouped for every row of the
-    # tile iff j <= first + qmin - W - p0, and a neighbor for every row iff j > first + qmax - W - p0
+    start, end = split_range(lo, hi, pid_s, n_splits, SPLIT, BLOCK_N)
+    # real key j has position p0 + (j - first)
     p0 = tl.load(KPOS_ROW + tl.minimum(first, N - 1))
-    g_idx = tl.minimum(tl.maximum(first + (qmin - WINDOW - p0) + 1, start), end)
-    g_hi = tl.where(g_idx >= end, end, start + ((g_idx - start) // BLOCK_N) * BLOCK_N)
-    n_idx = first + (qmax - WINDOW - p0) + 1
-    n_idx = tl.where(n_idx <= first, start, n_idx)  # every real key is a neighbor: padding needs no q_g
-    n_idx = tl.minimum(tl.maximum(n_idx, g_hi), end)
-    n_lo = tl.minimum(g_hi + ((n_idx - g_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, end)
+    g_hi, n_lo = class_bounds(qmin, qmax, first, p0, start, end, WINDOW, BLOCK_N)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, HEAD_DIM_V], 0.0, tl.float32)
+    acc, m_i, l_i = softmax_init(BLOCK_M, HEAD_DIM_V)
     k_base = K + b64 * s_kb + hk * s_kh
     kg_base = KG + b64 * s_gkb + hk * s_gkh
     v_base = V + b64 * s_vb + hk * s_vh
+    k_last = Q_START + qi  # causality by index: row i sees keys j <= q_start + i
 
     qg_rows = b64 * s_gqb + hq * s_gqh + qi64 * s_gqm
     qg = tl.load(QG + qg_rows[:, None] + offs_d[None, :] * s_gqd, mask=row_ok[:, None], other=0.0)
-    for start_n in range(start, g_hi, BLOCK_N):  # grouped-only tiles: q is not needed yet
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, qg, qg, qpos, qi, k_base, kg_base + tl.cast(start_n, tl.int64) * HEAD_DIM,
-            v_base + tl.cast(start_n, tl.int64) * HEAD_DIM_V, KPOS_ROW, KVALID_ROW, start_n, end, causal_lim,
-            Q_START, WINDOW, qk_scale, TILES,
-            _GROUPED, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES,
-        )
+    acc, m_i, l_i = tile_loop(  # grouped-only tiles: q is not needed yet
+        _attend_tile, start, g_hi, acc, m_i, l_i,
+        (qg, qg, qpos, k_last, k_base, kg_base, v_base, KPOS_ROW, KVALID_ROW, end, causal_lim, WINDOW,
+         qk_scale, TILES, GROUPED, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES), BLOCK_N)
     q_rows = b64 * s_qb + hq * s_qh + qi64 * s_qm
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
-    for start_n in range(g_hi, n_lo, BLOCK_N):  # boundary tiles
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, qg, qpos, qi, k_base + tl.cast(start_n, tl.int64) * HEAD_DIM,
-            kg_base + tl.cast(start_n, tl.int64) * HEAD_DIM, v_base + tl.cast(start_n, tl.int64) * HEAD_DIM_V,
-            KPOS_ROW, KVALID_ROW, start_n, end, causal_lim,
-            Q_START, WINDOW, qk_scale, TILES,
-            _BOUNDARY, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES,
-        )
-    for start_n in range(n_lo, end, BLOCK_N):  # neighbor-only tiles: q_g is dead
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, q, qpos, qi, k_base + tl.cast(start_n, tl.int64) * HEAD_DIM, kg_base,
-            v_base + tl.cast(start_n, tl.int64) * HEAD_DIM_V, KPOS_ROW, KVALID_ROW, start_n, end, causal_lim,
-            Q_START, WINDOW, qk_scale, TILES,
-            _NEIGHBOR, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES,
-        )
+    acc, m_i, l_i = tile_loop(  # boundary tiles
+        _attend_tile, g_hi, n_lo, acc, m_i, l_i,
+        (q, qg, qpos, k_last, k_base, kg_base, v_base, KPOS_ROW, KVALID_ROW, end, causal_lim, WINDOW,
+         qk_scale, TILES, BOUNDARY, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES), BLOCK_N)
+    acc, m_i, l_i = tile_loop(  # neighbor-only tiles: q_g is dead
+        _attend_tile, n_lo, end, acc, m_i, l_i,
+        (q, q, qpos, k_last, k_base, kg_base, v_base, KPOS_ROW, KVALID_ROW, end, causal_lim, WINDOW,
+         qk_scale, TILES, NEIGHBOR, HAS_PAD, HEAD_DIM, HEAD_DIM_V, BLOCK_N, COUNT_TILES), BLOCK_N)
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = softmax_finish(acc, m_i, l_i)
     out = tl.where(q_ok[:, None], out, 0.0)  # padding queries get zeros, like the reference
     lse = tl.where(q_ok, lse, float("-inf"))
-    if SPLIT:  # fp32 partials (S, B*HKV, R, DV) and (S, B*HKV, R), merged by _combine
-        part = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * R + rows
-        tl.store(OUT + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE + part, lse, mask=row_ok)
+    if SPLIT:  # fp32 partials (S, B*HKV, R, DV) and (S, B*HKV, R)
+        part = (pid_s * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (M * REP) + rows
+        store_partials(OUT, LSE, part, out, lse, row_ok, HEAD_DIM_V)
     else:
         o_rows = b64 * s_ob + hq * s_oh + qi64 * s_om
         tl.store(OUT + o_rows[:, None] + offs_dv[None, :] * s_od, out.to(OUT.dtype.element_ty),
@@ -242,31 +193,15 @@ def _selfextend_fwd(
         tl.store(LSE + (b64 * (HKV * REP) + hq) * M + qi, lse, mask=row_ok)
 
 
-INTERPRET = type(_selfextend_fwd).__name__ == "InterpretedFunction"  # built under TRITON_INTERPRET=1
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim. Not timed on a GPU (none was available when this
-# was written): chosen as the largest tiles that compile for sm_90 without register spills (ptxas -v from
-# the triton wheel, bf16/fp16). Tune with a GPU before trusting them.
-_PREFILL_CONFIG = {64: (128, 64, 8, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 3)}
-_DECODE_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 8, 3)}  # (BLOCK_N, num_warps, num_stages)
-_DECODE_MAX_QUERIES = 16  # at most this many queries per row: split the keys instead of the queries
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, enough to exercise the combine
-
-
-def _combine(part: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge split-KV partials by log-sum-exp: (S, ..., R, DV), (S, ..., R) -> (..., R, DV), (..., R)."""
-    lse = torch.logsumexp(part_lse, dim=0)
-    weight = torch.exp(part_lse - lse).nan_to_num(0.0)  # splits with no key (lse = -inf) weigh 0
-    return (part * weight[..., None]).sum(dim=0), lse
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim for prefill, (BLOCK_N, num_warps, num_stages) for
+# decode. Untimed on a GPU: the largest tiles that compile for sm_90 without register spills (ptxas -v from
+# the triton wheel, bf16/fp16), to be tuned by measurement on a GPU before they are trusted.
+LAUNCH = TileConfigs(
+    prefill={64: (128, 64, 8, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 3)},
+    decode={64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 8, 3)},
+    prefill_default=(64, 32, 4, 2),
+    decode_default=(32, 4, 2),
+)
 
 
 def selfextend_attention(
@@ -282,12 +217,8 @@ def selfextend_attention(
     window: int,
     scale: float,
     *,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_splits: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
     tile_counts: torch.Tensor | None = None,
+    **launch: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the fused kernel; see ``SelfExtendInputs`` for the meaning of the arguments.
 
@@ -295,9 +226,10 @@ def selfextend_attention(
         q, qg: (B, H, M, D), any strides; k, kg: (B, Hkv, N, D); v: (B, Hkv, N, Dv). K, K_g and V are
             copied if their rows are not contiguous (the kernel hard-codes the row stride).
         key_valid: (B, N) bool or None; each row's real keys must be one contiguous block.
-        block_m, block_n, num_splits: override the launch heuristics (tests use small tiles).
         tile_counts: optional int32 tensor of 3, incremented with the number of (neighbor-only,
             grouped-only, boundary) key tiles visited: lets tests check what work is skipped.
+        launch: ``block_m``, ``block_n``, ``num_splits``, ``num_warps``, ``num_stages`` instead of the
+            heuristics' (``TileConfigs.plan``; tests use small tiles).
 
     Returns:
         ``out`` (B, H, M, Dv) in q's dtype and ``lse`` (B, H, M) fp32 (natural log; ``-inf`` for padding).
@@ -321,22 +253,8 @@ def selfextend_attention(
     else:
         valid, first = kpos, kpos  # unused placeholders
 
-    decode = m <= _DECODE_MAX_QUERIES
-    if decode:
-        bm = block_m or min(64, max(16, _next_pow2(rows)))
-        cfg_n, warps, stages = _DECODE_CONFIG.get(dim, (32, 4, 2))
-        bn = block_n or cfg_n
-        warps, stages = num_warps or warps, num_stages or stages
-    else:
-        cfg_m, cfg_n, warps, stages = _PREFILL_CONFIG.get(dim, (64, 32, 4, 2))
-        bm, bn = block_m or cfg_m, block_n or cfg_n
-        warps, stages = num_warps or warps, num_stages or stages
-    row_tiles = triton.cdiv(rows, bm)
-    programs = row_tiles * bsz * kv_heads
-    if num_splits is None:
-        num_splits = 1
-        if decode:
-            num_splits = max(1, min(64, triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(n, 4 * bn)))
+    plan = LAUNCH.plan(dim, m, rep, n, bsz * kv_heads, device, **launch)
+    num_splits = plan.num_splits
     split = num_splits > 1
 
     lse = torch.empty(bsz, heads, m, device=device, dtype=torch.float32)
@@ -348,18 +266,19 @@ def selfextend_attention(
         out_buf = torch.empty(bsz, heads, m, dim_v, device=device, dtype=q.dtype)
         lse_buf = lse
         o_strides = out_buf.stride()
-    grid = (row_tiles, bsz * kv_heads, num_splits)
+    grid = (plan.row_tiles, bsz * kv_heads, num_splits)
     _selfextend_fwd[grid](
         q, k, v, qg, kg, qpos, kpos, valid, first, out_buf, lse_buf,
         tile_counts if tile_counts is not None else qpos,
         *q.stride(), *k.stride()[:2], *v.stride()[:2], *qg.stride(), *kg.stride()[:2], *o_strides,
         m, n, q_start, window, scale * 1.4426950408889634, num_splits,
         HKV=kv_heads, REP=rep, HAS_PAD=has_pad, SPLIT=split, HEAD_DIM=dim, HEAD_DIM_V=dim_v,
-        BLOCK_M=bm, BLOCK_N=bn, COUNT_TILES=tile_counts is not None, num_warps=warps, num_stages=stages,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, COUNT_TILES=tile_counts is not None,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not split:
         return out_buf, lse
-    out, lse_rows = _combine(out_buf, lse_buf)  # (B*Hkv, R, Dv): row r = query r // rep, head r % rep
+    out, lse_rows = combine(out_buf, lse_buf)  # (B*Hkv, R, Dv): row r = query r // rep, head r % rep
     out = out.view(bsz, kv_heads, m, rep, dim_v).transpose(2, 3).reshape(bsz, heads, m, dim_v)
     lse = lse_rows.view(bsz, kv_heads, m, rep).transpose(2, 3).reshape(bsz, heads, m)
     return out.to(q.dtype), lse

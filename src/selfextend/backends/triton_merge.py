@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import INTERPRET as _KERNEL_INTERPRET  # noqa: F401  (same build mode as the kernels)
-from .triton_kernel import _next_pow2
+from .triton_common import next_pow2
 
 
 @triton.jit
@@ -79,5 +78,5 @@ def merge_into(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, ls
         *out_a.stride()[:3], *lse_a.stride(),
         *out_b.stride()[:3], *lse_b.stride(),
         heads, rows, dim,
-        BLOCK_T=block_t, BLOCK_D=_next_pow2(dim),
+        BLOCK_T=block_t, BLOCK_D=next_pow2(dim),
     )

@@ -14,9 +14,9 @@ needs each request's keys contiguous plus a second, grouped copy; here neither c
   the gather path uses, so the two paths agree to rounding). The rotation is rotate-half: the tile is
   loaded as its two halves, ``k1 c - k2 s`` and ``k2 c + k1 s``, rounded to the cache dtype as a stored
   grouped key would be, and ``q . k`` is the sum of two half-width products.
-* **Everything else as ``triton_kernel``:** GQA-packed rows, three tile loops by class (grouped-only,
-  boundary, neighbor-only) found from positions, one online softmax over both scores, causal and length
-  masks only on the tiles that need them, split-KV decode merged by log-sum-exp.
+* **Everything else is ``triton_kernel``'s, from ``triton_common``:** GQA-packed rows, three tile loops by
+  class (grouped-only, boundary, neighbor-only) found from positions, one online softmax over both scores,
+  causal and length masks only on the tiles that need them, split-KV decode merged by log-sum-exp.
 
 Requests are packed varlen (``query_start_loc``); request ``r``'s ``q_len`` queries are its last tokens, so
 query ``i`` has position ``seq_len - q_len + i`` and key ``j`` position ``j``: prefill, chunked prefill,
@@ -29,19 +29,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import _BOUNDARY, _GROUPED, _NEIGHBOR, _add, _combine, _max, _next_pow2, _num_sms
+from .triton_common import (
+    BOUNDARY,
+    GROUPED,
+    NEIGHBOR,
+    TileConfigs,
+    class_bounds,
+    combine,
+    packed_rows,
+    program_ids,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
+    split_range,
+    store_partials,
+    tile_loop,
+)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, prefill and decode: the largest tiles that compile
-# for sm_90 (bf16) without register spills (ptxas -v from the triton wheel; a grouped tile also holds its
-# fp32 cos/sin rows, so key tiles are smaller than ``triton_kernel``'s). Not yet timed on a GPU.
-_PREFILL_CONFIG = {64: (64, 32, 4, 2), 128: (128, 32, 8, 2), 256: (16, 32, 8, 2)}
-_DECODE_CONFIG = {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 8, 2)}
-_DECODE_MAX_QUERIES = 16
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim for prefill, (BLOCK_N, num_warps, num_stages) for
+# decode: the largest tiles that compile for sm_90 (bf16) without register spills (ptxas -v from the triton
+# wheel; a grouped tile also holds its fp32 cos/sin rows, so key tiles are smaller than ``triton_kernel``'s).
+# Not yet timed on a GPU.
+LAUNCH = TileConfigs(prefill={64: (64, 32, 4, 2), 128: (128, 32, 8, 2), 256: (16, 32, 8, 2)},
+                     decode={64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 8, 2)})
 
 
 @triton.jit
 def _paged_tile(
-    acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end, causal_lim,
+    acc, m_i, l_i, start_n, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end, causal_lim,
     WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
     KIND: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,9 +71,9 @@ def _paged_tile(
     k_rows = K + k_head + block * s_kblk + slot * s_kslot  # (BLOCK_N,) pointers to each key's row
     k1 = tl.load(k_rows[None, :] + offs_h[:, None], mask=k_ok[None, :], other=0.0)  # (HALF, BLOCK_N)
     k2 = tl.load(k_rows[None, :] + (offs_h[:, None] + HALF), mask=k_ok[None, :], other=0.0)
-    if KIND != _GROUPED:
+    if KIND != GROUPED:
         qk_n = tl.dot(q1, k1, input_precision="ieee") + tl.dot(q2, k2, input_precision="ieee")
-    if KIND != _NEIGHBOR:
+    if KIND != NEIGHBOR:
         rot = offs_n[None, :] * HALF + offs_h[:, None]
         c = tl.load(COS + rot, mask=k_ok[None, :], other=1.0)
         s = tl.load(SIN + rot, mask=k_ok[None, :], other=0.0)
@@ -66,55 +81,15 @@ def _paged_tile(
         g1 = (k1f * c - k2f * s).to(k1.dtype)
         g2 = (k2f * c + k1f * s).to(k1.dtype)
         qk_g = tl.dot(qg1, g1, input_precision="ieee") + tl.dot(qg2, g2, input_precision="ieee")
-    if KIND == _NEIGHBOR:
+    if KIND == NEIGHBOR:
         qk = qk_n
-    elif KIND == _GROUPED:
+    elif KIND == GROUPED:
         qk = qk_g
     else:
         qk = tl.where((qpos[:, None] - offs_n[None, :]) < WINDOW, qk_n, qk_g)
-    qk = qk * qk_scale
-    if (start_n + BLOCK_N > causal_lim) | (start_n + BLOCK_N > end):  # crosses a diagonal or the end
-        qk = tl.where(k_ok[None, :] & (offs_n[None, :] <= qpos[:, None]), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.reduce(p, 1, _add)
-    v_rows = V + v_head + block * s_vblk + slot * s_vslot
-    v = tl.load(v_rows[:, None] + offs_dv[None, :], mask=k_ok[:, None], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _paged_tiles(
-    lo, hi, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end, causal_lim,
-    WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-    KIND: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The key tiles ``lo, lo + BLOCK_N, ... < hi`` of one class, in order.
-
-    Compiled, a ``range`` loop (Triton software-pipelines ``for`` loops only, not ``while``). Interpreted
-    (``TRITON_INTERPRET=1``), a ``while`` loop over the same tiles: Triton 3.6's interpreter turns a tensor
-    ``range`` bound into a Python int with ``int()`` of a 1-element array, which recent numpy refuses
-    (2.4.6: "only 0-dimensional arrays can be converted to Python scalars"; deprecated since numpy 1.25);
-    3.9's interpreter squeezes the array first. The compiled kernel is unchanged (same PTX instructions)."""
-    if _INTERPRETED:
-        start_n = lo
-        while start_n < hi:
-            acc, m_i, l_i = _paged_tile(
-                acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
-                causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-                KIND, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _paged_tile(
-                acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, start_n, end,
-                causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-                KIND, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
-    return acc, m_i, l_i
+    masked = (start_n + BLOCK_N > causal_lim) | (start_n + BLOCK_N > end)  # crosses a diagonal or the end
+    v_ptrs = (V + v_head + block * s_vblk + slot * s_vslot)[:, None] + offs_dv[None, :]
+    return softmax_step(acc, m_i, l_i, qk, qk_scale, masked, k_ok, offs_n, qpos, v_ptrs)
 
 
 @triton.jit
@@ -126,40 +101,20 @@ def _paged_selfextend_fwd(
     HKV: tl.constexpr, REP: tl.constexpr, SPLIT: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_rh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    r = pid_rh // HKV
-    hk = pid_rh % HKV
+    pid_m, r, hk, pid_s = program_ids(HKV)
     q0 = tl.load(QSL + r)
     q_len = tl.load(QSL + r + 1) - q0
     ctx = tl.load(SEQ + r) - q_len  # tokens before this step's queries (cached or earlier chunks)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len * REP
-    qi = rows // REP
-    hq = hk * REP + rows % REP
-    qpos = ctx + qi
+    rows, row_ok, qi, hq, i_lo, i_hi = packed_rows(pid_m, hk, q_len, REP, BLOCK_M)
+    qpos = ctx + qi  # key j sits at position j: row i sees keys j <= qpos
     tok = (q0 + qi).to(tl.int64)
-    i_lo = (pid_m * BLOCK_M) // REP
-    i_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // REP, q_len - 1)
     qmin = ctx + i_lo
     qmax = ctx + i_hi
     causal_lim = qmin + 1  # key tiles ending past this cross the diagonal of some row
     hi = tl.where(i_lo < q_len, qmax + 1, 0)  # no query of this request in this tile: nothing to do
-    if SPLIT:
-        per = ((hi + BLOCK_N - 1) // BLOCK_N + n_splits - 1) // n_splits
-        start = pid_s * per * BLOCK_N
-        end = tl.minimum(hi, start + per * BLOCK_N)
-    else:
-        start = 0
-        end = hi
-    end = tl.maximum(end, start)
-    # key j is grouped for every row iff j <= qmin - W, a neighbor for every row iff j > qmax - W
-    g_idx = tl.minimum(tl.maximum(qmin - WINDOW + 1, start), end)
-    g_hi = tl.where(g_idx >= end, end, start + ((g_idx - start) // BLOCK_N) * BLOCK_N)
-    n_idx = tl.minimum(tl.maximum(qmax - WINDOW + 1, g_hi), end)
-    n_lo = tl.minimum(g_hi + ((n_idx - g_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, end)
+    start, end = split_range(0, hi, pid_s, n_splits, SPLIT, BLOCK_N)
+    g_hi, n_lo = class_bounds(qmin, qmax, 0, 0, start, end, WINDOW, BLOCK_N)
 
     offs_h = tl.arange(0, HALF)
     q_rows = Q + tok * s_qt + hq * s_qh
@@ -172,39 +127,28 @@ def _paged_selfextend_fwd(
     k_head = hk.to(tl.int64) * s_kh
     v_head = hk.to(tl.int64) * s_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, HEAD_DIM_V], 0.0, tl.float32)
-    acc, m_i, l_i = _paged_tiles(
-        start, g_hi, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end,
-        causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-        _GROUPED, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
-    acc, m_i, l_i = _paged_tiles(
-        g_hi, n_lo, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end,
-        causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-        _BOUNDARY, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
-    acc, m_i, l_i = _paged_tiles(
-        n_lo, end, acc, m_i, l_i, q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end,
-        causal_lim, WINDOW, qk_scale, s_kblk, s_kslot, s_vblk, s_vslot,
-        _NEIGHBOR, PAGE, HALF, HEAD_DIM_V, BLOCK_N)
+    acc, m_i, l_i = softmax_init(BLOCK_M, HEAD_DIM_V)
+    acc, m_i, l_i = tile_loop(
+        _paged_tile, start, g_hi, acc, m_i, l_i,
+        (q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end, causal_lim, WINDOW, qk_scale,
+         s_kblk, s_kslot, s_vblk, s_vslot, GROUPED, PAGE, HALF, HEAD_DIM_V, BLOCK_N), BLOCK_N)
+    acc, m_i, l_i = tile_loop(
+        _paged_tile, g_hi, n_lo, acc, m_i, l_i,
+        (q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end, causal_lim, WINDOW, qk_scale,
+         s_kblk, s_kslot, s_vblk, s_vslot, BOUNDARY, PAGE, HALF, HEAD_DIM_V, BLOCK_N), BLOCK_N)
+    acc, m_i, l_i = tile_loop(
+        _paged_tile, n_lo, end, acc, m_i, l_i,
+        (q1, q2, qg1, qg2, qpos, K, V, BT_ROW, COS, SIN, k_head, v_head, end, causal_lim, WINDOW, qk_scale,
+         s_kblk, s_kslot, s_vblk, s_vslot, NEIGHBOR, PAGE, HALF, HEAD_DIM_V, BLOCK_N), BLOCK_N)
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    offs_dv = tl.arange(0, HEAD_DIM_V)
-    if SPLIT:  # fp32 partials (S, T * H, Dv) and (S, T * H), merged by _combine
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = softmax_finish(acc, m_i, l_i)
+    if SPLIT:  # fp32 partials (S, T * H, Dv) and (S, T * H)
         part = pid_s.to(tl.int64) * n_rows + tok * (HKV * REP) + hq
-        tl.store(OUT + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE + part, lse, mask=row_ok)
+        store_partials(OUT, LSE, part, out, lse, row_ok, HEAD_DIM_V)
     else:
         o_rows = OUT + tok * s_ot + hq * s_oh
+        offs_dv = tl.arange(0, HEAD_DIM_V)
         tl.store(o_rows[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-
-
-# Read by ``_paged_tiles`` when it runs or compiles: whether ``triton.jit`` built these kernels for Triton's
-# interpreter (``TRITON_INTERPRET=1`` when this module was imported).
-_INTERPRETED = tl.constexpr(type(_paged_selfextend_fwd).__name__ == "InterpretedFunction")
 
 
 def paged_selfextend_attention(
@@ -222,12 +166,8 @@ def paged_selfextend_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_splits: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
     out: torch.Tensor | None = None,
+    **launch: int | None,
 ) -> torch.Tensor:
     """SelfExtend attention for a varlen batch of requests whose K/V sit in a paged cache.
 
@@ -242,6 +182,8 @@ def paged_selfextend_attention(
         max_query_len, max_seq_len: host-side bounds (vLLM's metadata has them); read from the tensors if
             omitted, which synchronizes.
         out: (T, H, Dv) to write into (e.g. the engine's output buffer); allocated if None.
+        launch: ``block_m``, ``block_n``, ``num_splits``, ``num_warps``, ``num_stages`` instead of the
+            heuristics' (``TileConfigs.plan``; tests use small tiles).
 
     Returns:
         ``out`` (T, H, Dv) in ``query``'s dtype.
@@ -274,18 +216,8 @@ def paged_selfextend_attention(
     query_start_loc = query_start_loc.to(torch.int32)
     block_table = block_table.to(torch.int32)
 
-    decode = max_query_len <= _DECODE_MAX_QUERIES
-    cfg_m, cfg_n, warps, stages = (_DECODE_CONFIG if decode else _PREFILL_CONFIG).get(dim, (16, 16, 4, 2))
-    bm = block_m or (max(16, min(64, _next_pow2(max_query_len * rep))) if decode else cfg_m)
-    bn = block_n or cfg_n
-    warps, stages = num_warps or warps, num_stages or stages
-    row_tiles = triton.cdiv(max_query_len * rep, bm)
-    programs = row_tiles * requests * kv_heads
-    if num_splits is None:
-        num_splits = 1
-        if decode:
-            num_splits = max(1, min(64, triton.cdiv(2 * _num_sms(query.device), programs),
-                                    triton.cdiv(max_seq_len, 4 * bn)))
+    plan = LAUNCH.plan(dim, max_query_len, rep, max_seq_len, requests * kv_heads, query.device, **launch)
+    num_splits = plan.num_splits
     split = num_splits > 1
     if out is None:
         out = torch.empty(tokens, heads, dim_v, device=query.device, dtype=query.dtype)
@@ -297,17 +229,17 @@ def paged_selfextend_attention(
         lse_buf = torch.empty(num_splits, tokens * heads, device=query.device, dtype=torch.float32)
     else:
         out_buf, lse_buf = out, seq_lens  # lse unused without splits
-    grid = (row_tiles, requests * kv_heads, num_splits)
+    grid = (plan.row_tiles, requests * kv_heads, num_splits)
     _paged_selfextend_fwd[grid](
         query, grouped_query, key_cache, value_cache, block_table, seq_lens, query_start_loc, key_cos,
         key_sin, out_buf, lse_buf,
         *query.stride()[:2], *grouped_query.stride()[:2], *out.stride()[:2],
         *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride(0),
         tokens * heads, window, scale * 1.4426950408889634, num_splits,
-        HKV=kv_heads, REP=rep, SPLIT=split, PAGE=page, HALF=dim // 2, HEAD_DIM_V=dim_v, BLOCK_M=bm,
-        BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        HKV=kv_heads, REP=rep, SPLIT=split, PAGE=page, HALF=dim // 2, HEAD_DIM_V=dim_v, BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if split:
-        merged, _ = _combine(out_buf, lse_buf)  # (T * H, Dv)
+        merged, _ = combine(out_buf, lse_buf)  # (T * H, Dv)
         out.copy_(merged.view(tokens, heads, dim_v))
     return out

@@ -4,5 +4,5 @@
 * ``runner.py``: methods x lengths x depths x samples on one model, one JSONL row per sample;
 * ``results.py``: reading and writing those rows (torn lines skipped, resumable);
 * ``report.py``: tables, JSON summaries and plots from the rows, never from a model;
-* ``tune.py``: the sweep behind ``selfextend tune`` (the winner is saved by ``methods/tuned.py``).
+* ``tune.py``: the sweep behind ``selfextend tune`` (the winner is saved by ``tuned.py``).
 """

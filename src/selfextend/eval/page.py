@@ -20,34 +20,10 @@ import re
 import shlex
 from pathlib import Path
 
+from .report import add_report_flags, render
+
 OPENER = re.compile(r"<!-- selfextend report (?P<args>.*\S) -->")
 CLOSER = "<!-- /report -->"
-
-
-def report_parts(text: str) -> list[str]:
-    """``--only``: a comma list of report parts."""
-    from .report import PARTS
-
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"{text!r}: parts are {', '.join(PARTS)} (comma list)")
-    return parts
-
-
-def add_report_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``selfextend report`` (and of a page marker): one definition for both."""
-    from ..cli_args import method_pair
-
-    parser.add_argument("dir")
-    parser.add_argument("--compare", type=method_pair, default=None,
-                        help="A,B: two method labels on the same samples (paired): who alone was right, "
-                             "sign test")
-    parser.add_argument("--task", action="append", default=None,
-                        help="only these tasks (default: every samples file)")
-    parser.add_argument("--only", type=report_parts, default=None,
-                        help="the parts to print, a comma list of table, buckets, vs-sliding, compare "
-                             "(default: all)")
 
 
 class _MarkerParser(argparse.ArgumentParser):
@@ -63,8 +39,6 @@ def _marker_parser() -> argparse.ArgumentParser:
 
 def render_block(args: str, root: Path) -> str:
     """The body a marker with these arguments must hold (the report's text, no plots, nothing written)."""
-    from .report import render
-
     try:
         ns = _marker_parser().parse_args(shlex.split(args))
         return render(root / ns.dir, ns.task, ns.compare, ns.only).rstrip("\n") + "\n"

@@ -3,6 +3,7 @@ re-renders exactly what the run printed, and a resumed run summarizes exactly li
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -207,8 +208,9 @@ def summarize(rows: list[dict[str, Any]], planned: set[tuple] | None = None) -> 
     for r in rows:
         params[r["method"]][str(r["length"])] = r.get("params", {})
     expected = sum(table[method][str(length)]["expected"] for method, length in asked)
-    return {"methods": methods, "lengths": lengths, "results": table, "params": params, "n_rows": len(rows),
-            "missing": missing, "expected": expected}
+    depths = sorted(({r.get("depth") for r in rows} | {key[3] for key in planned}) - {None})
+    return {"methods": methods, "lengths": lengths, "depths": depths, "results": table, "params": params,
+            "n_rows": len(rows), "missing": missing, "expected": expected}
 
 
 def markdown(summary: dict[str, Any], task: str) -> str:
@@ -236,6 +238,8 @@ def markdown(summary: dict[str, Any], task: str) -> str:
         lines.append(f"\n{summary['missing']} of {summary['expected']} samples the runs asked for are "
                      "missing (an interrupted run, or shards not run yet): re-run the same eval command "
                      "(each shard with its --shard) to complete them.")
+    for note in summary.get("notes", []):
+        lines.append(f"\nNote: {note}")
     return "\n".join(lines)
 
 
@@ -327,22 +331,30 @@ def summary_of(out_dir: str | Path, task: str) -> tuple[dict[str, Any], list]:
         bad += [f"{samples.name}:{n}" if samples.name != SAMPLES_FILE.format(task=task) else n
                 for n in file_bad]
     planned: set[tuple] = set()
+    notes: dict[str, str] = {}
     for run in task_files(out, RUN_FILE, task):
         try:
-            planned |= {tuple(k) for k in json.loads(run.read_text(encoding="utf-8")).get("planned", [])}
+            recorded = json.loads(run.read_text(encoding="utf-8"))
+            planned |= {tuple(k) for k in recorded.get("planned", [])}
+            notes.update(recorded.get("notes", {}))
         except (OSError, json.JSONDecodeError, TypeError, AttributeError):
             continue
     if not rows and not planned:
         raise ValueError(f"no results for task {task!r} in {out}: no rows and no run file that lists the "
                          f"cells asked for (expected {SAMPLES_FILE.format(task=task)})")
     summary = summarize(rows, planned)
+    if notes:
+        summary["notes"] = [notes[k] for k in sorted(notes)]
     against = {str(n): vs_sliding(summary, n) for n in summary["lengths"]}
     summary["vs_sliding"] = {n: t for n, t in against.items() if t}
     return summary, bad
 
 
 def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Summarize the samples file into ``results_<task>.json`` (lm-evaluation-harness style) and return it."""
+    """Summarize the samples files into ``results_<task>.json`` (lm-evaluation-harness style) and return it.
+
+    ``config`` describes the folder's cells, every run's together (methods, lengths, depths), as the results
+    do; ``runs`` keeps each run's own settings."""
     out = Path(out_dir)
     summary, bad = summary_of(out, task)
     path = out / RESULTS_FILE.format(task=task)
@@ -352,10 +364,17 @@ def write_results(out_dir: str | Path, task: str, config: dict[str, Any] | None 
         previous = {}  # a torn results file is rebuilt from the samples
     from .runner import versions
 
+    runs = list(previous.get("runs", [previous["config"]] if previous.get("config") else []))
+    if config is not None and (not runs or runs[-1] != config):
+        runs.append(config)  # each run's own grid: a later run with other lengths or depths adds its own
+    grid = dict(config if config is not None else previous.get("config", {}))
+    if grid:  # the folder's cells, every run's together: what the results above describe
+        grid.update(methods=summary["methods"], lengths=summary["lengths"], depths=summary["depths"])
     result = {
         "task": task,
         **summary,
-        "config": config if config is not None else previous.get("config", {}),
+        "config": grid,
+        "runs": runs,
         "versions": versions(),
         "corrupt_lines": bad,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -446,6 +465,37 @@ def check_parts(parts: list[str] | None, pair: tuple[str, str] | None) -> None:
         raise ValueError(f"unknown report part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}")
     if parts and "compare" in parts and pair is None:
         raise ValueError("--only compare needs --compare A,B (two method labels)")
+
+
+def report_parts(text: str) -> list[str]:
+    """``--only``: a comma list of ``PARTS``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: parts are {', '.join(PARTS)} (comma list)")
+    return parts
+
+
+def method_pair(text: str) -> tuple[str, str]:
+    """``--compare``: two method labels as a results table shows them, e.g. ``self-extend,dynamic-ntk``."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two different method labels, A,B")
+    return parts[0], parts[1]
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``report``, defined here so ``selfextend report`` and a page marker (``page.py``) parse
+    the same arguments."""
+    parser.add_argument("dir")
+    parser.add_argument("--compare", type=method_pair, default=None,
+                        help="A,B: two method labels on the same samples (paired): who alone was right, "
+                             "sign test")
+    parser.add_argument("--task", action="append", default=None,
+                        help="only these tasks (default: every samples file)")
+    parser.add_argument("--only", type=report_parts, default=None,
+                        help="the parts to print, a comma list of table, buckets, vs-sliding, compare "
+                             "(default: all)")
 
 
 def task_names(out: Path, tasks: list[str] | None) -> list[str]:

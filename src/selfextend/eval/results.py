@@ -172,7 +172,7 @@ class SampleWriter:
             os.fsync(f.fileno())
 
     def close(self) -> None:
-        """Nothing stays open between rows; kept for ``with`` blocks."""
+        """Nothing to close (no file stays open between rows); here so a writer works in a ``with`` block."""
 
     def __enter__(self) -> SampleWriter:
         return self

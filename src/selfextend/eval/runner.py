@@ -24,6 +24,7 @@ import torch
 from .. import api
 from ..methods import METHODS
 from ..models import is_main_process
+from ..params import parse_value
 from .results import (
     RUN_FILE,
     SAMPLES_FILE,
@@ -59,17 +60,18 @@ ALIASES = {"G": "group_size", "W": "window"}
 def parse_method(spec: str) -> MethodSpec:
     name, *pairs = spec.strip().split(":")
     method = METHODS.get(name)
-    types = {p.name: p.type for p in method.params}
+    declared = {p.name: p for p in method.params}
     params: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"method spec {spec!r}: expected key=value after ':', got {pair!r}")
         key, value = pair.split("=", 1)
         key = ALIASES.get(key, key)
-        if key not in types:
-            raise ValueError(f"method {name!r} has no parameter {key!r}; its parameters: {', '.join(types)}")
+        if key not in declared:
+            raise ValueError(f"method {name!r} has no parameter {key!r}; its parameters: "
+                             f"{', '.join(declared)}")
         try:
-            params[key] = parse_value(types[key], value)
+            params[key] = parse_value(declared[key].type, value)
         except ValueError as exc:
             raise ValueError(f"method spec {spec!r}: {key}={value!r} {exc}") from None
     try:  # each value's range and how they go together, as `apply` checks them, before any model loads
@@ -77,27 +79,6 @@ def parse_method(spec: str) -> MethodSpec:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"method spec {spec!r}: {exc}") from None
     return MethodSpec(spec.strip(), name, params)
-
-
-BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-            "off": False}
-
-
-def parse_value(kind: type, text: str) -> Any:
-    """A method option's value, strictly: booleans from a fixed vocabulary, finite numbers only."""
-    if kind is bool:
-        if text.lower() not in BOOLEANS:
-            raise ValueError("is not a boolean; use true/false (or 1/0, yes/no, on/off)")
-        return BOOLEANS[text.lower()]
-    if kind in (int, float):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ValueError(f"is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
-            raise ValueError("is not a finite number")
-        return value
-    return kind(text)
 
 
 def parse_length(text: str) -> int:
@@ -188,7 +169,7 @@ def resolve_all(model, config: EvalConfig) -> dict[tuple[str, int], dict[str, An
     for spec in config.methods:
         method = METHODS.get(spec.name)
         for length in config.lengths:
-            resolved[spec.label, length] = method.resolve(model, length, dict(spec.params))
+            resolved[spec.label, length] = method.resolve(model.config, length, dict(spec.params))
     return resolved
 
 
@@ -261,8 +242,10 @@ def run_eval(model, tokenizer, config: EvalConfig, out_dir: str | Path,
         _barrier()
         return rows
     with lock(out, config.task + part):
-        check_same_settings(out, config, resolved)
-        record_run(out, config)
+        notes = check_same_settings(out, config, resolved)
+        for note in notes.values():
+            logger.warning("selfextend: %s", note)
+        record_run(out, config, notes)
         remove_corrupt_lines(path)
         _barrier()
         rows = _run(model, tokenizer, config, task, path, resolved, progress, write=True)
@@ -381,23 +364,34 @@ def identity_differences(recorded: dict[str, Any], identity: dict[str, Any]) -> 
             and not (k == "model_bytes" and 0 in (recorded[k], identity[k]))]
 
 
-def check_same_settings(out: Path, config: EvalConfig, resolved: dict) -> None:
+def check_same_settings(out: Path, config: EvalConfig, resolved: dict) -> dict[str, str]:
     """Refuse to add rows to a cell (method label, length) whose rows were made with other resolved
-    parameters.
+    parameters; return a note for each finished cell of this run whose label resolves differently now.
 
     A label such as ``self-extend`` resolves per model and length (the authors' rule, or settings ``tune``
-    saved since): if it resolves differently now, new rows would pool two settings into one number. Cells this
-    run adds nothing to are not checked (a finished cell stays valid for what made it)."""
+    saved since): if it resolves differently now, new rows would pool two settings into one number. A finished
+    cell stays valid for what made it, so it is kept, with a note that its table shows the settings it was
+    made with, not the ones the label gives now."""
     rows = task_rows(out, config.task)
     done = latest_rows(rows)
+    cells = {(cell[1].label, cell[0]) for cell in plan(config)}
     adding = {(cell[1].label, cell[0]) for cell in plan(config) if _key(config, cell) not in done}
+    notes: dict[str, str] = {}
     for row in rows:
         key = (row.get("method"), int(row.get("length", -1)))
-        if key not in adding:
+        if key not in cells:
             continue
         was, now = row.get("params") or {}, json_safe(resolved[key])
         differ = sorted(k for k in set(was) & set(now) if was[k] != now[k])
-        if differ:
+        if differ and key not in adding:
+            label, length = key
+            notes[f"{label}|{length}"] = (
+                f"{label} at {length} tokens: the rows were made with "
+                + ", ".join(f"{k}={was[k]!r}" for k in differ) + "; it resolves to "
+                + ", ".join(f"{k}={now[k]!r}" for k in differ) + " now (settings `tune` saved since, or "
+                "another rule): the table shows the settings the rows were made with; use another --out to "
+                "measure the new ones.")
+        elif differ:
             label, length = key
             explicit = label + "".join(f":{k}={was[k]}" for k in differ)
             raise ValueError(
@@ -406,11 +400,13 @@ def check_same_settings(out: Path, config: EvalConfig, resolved: dict) -> None:
                 + ", ".join(f"{k}={now[k]!r}" for k in differ) + ". Results made with other settings are "
                 f"never pooled: ask for those explicitly ({explicit}), use another --out, or delete those "
                 "rows.")
+    return notes
 
 
-def record_run(out: Path, config: EvalConfig) -> None:
+def record_run(out: Path, config: EvalConfig, notes: dict[str, str] | None = None) -> None:
     """Refuse to add rows to a samples file made by another run (model, dtype, seed, task parameters);
-    otherwise record this run's identity and every sample it asks for (``report`` counts the missing ones)."""
+    otherwise record this run's identity, every sample it asks for (``report`` counts the missing ones) and
+    the notes on its finished cells (``check_same_settings``; a cell's note is replaced by the next run's)."""
     part = shard_part(config.shard)
     path = out / RUN_FILE.format(task=config.task + part)
     samples = out / SAMPLES_FILE.format(task=config.task + part)
@@ -451,8 +447,10 @@ def record_run(out: Path, config: EvalConfig) -> None:
     # every sample any run into this --out asked for (the whole grid, whichever shard this is)
     planned = {tuple(k) for k in previous.get("planned", [])}
     planned |= {_key(config, cell) for cell in plan(EvalConfig(**{**config.__dict__, "shard": None}))}
+    cells = {f"{cell[1].label}|{cell[0]}" for cell in plan(config)}
+    kept = {k: v for k, v in previous.get("notes", {}).items() if k not in cells}
     write_json_atomic(path, {"task": config.task, "identity": identity, "versions": versions(),
-                             "planned": sorted(planned, key=repr)})
+                             "planned": sorted(planned, key=repr), "notes": {**kept, **(notes or {})}})
 
 
 def _key(config: EvalConfig, cell) -> tuple:

@@ -87,10 +87,11 @@ def tune(model, tokenizer, target_length: int, *, budget_minutes: float = 30.0, 
     print("\n" + table, file=stream, end="")
     write_ranking(out_dir, target_length, L, depth_list, seed, ranked, table)
     if ranked and save:
-        from ..methods.tuned import save_tuned
+        from ..tuned import save_tuned
 
         best = ranked[0]
-        path = save_tuned(model, target_length, {"group_size": best["group_size"], "window": best["window"]},
+        path = save_tuned(model.config, target_length,
+                          {"group_size": best["group_size"], "window": best["window"]},
                           {k: best[k] for k in ("passkey", "tail_ppl", "ppl")} | {"candidates": len(ranked)})
         print(f"tune: saved G={best['group_size']} W={best['window']} for {target_length} tokens to {path}; "
               f"apply(model, target_length={target_length}) now uses it", file=stream)

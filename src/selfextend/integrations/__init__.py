@@ -1,1 +1,2 @@
-"""Model-library integrations (transformers attention registry)."""
+"""Integrations: transformers' attention registry (``hf``), vLLM (``vllm``), lm-evaluation-harness
+(``lm_eval``)."""

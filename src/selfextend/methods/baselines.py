@@ -14,7 +14,7 @@ from .base import STATE_ATTR, TRAINED_LENGTH, ActiveMethod, Method, Param, train
 class Vanilla(Method):
     summary = "the model as trained: RoPE positions past the trained length extrapolate"
 
-    def resolve(self, model, target_length, params):
+    def resolve(self, model_config, target_length, params):
         self.check_params(params)
         return {}
 
@@ -43,14 +43,10 @@ class Truncate(Method):
         TRAINED_LENGTH,
     )
 
-    def resolve(self, model, target_length, params):
+    def resolve(self, model_config, target_length, params):
         self.check_params(params)
-        drop = params.get("drop", "middle")
-        if drop not in DROPS:
-            raise ValueError(f"drop={drop!r} is not one of {', '.join(DROPS)}: middle keeps the head and the "
-                             "tail of the prompt, start keeps its last tokens")
-        keep = truncate_keep(params.get("keep"), params.get("headroom"), trained_length(model, params))
-        return {"keep": keep, "drop": drop}
+        keep = truncate_keep(params.get("keep"), params.get("headroom"), trained_length(model_config, params))
+        return {"keep": keep, "drop": params.get("drop") or "middle"}
 
     def attach(self, model, params, previous):
         return ActiveMethod(self.name, params)
@@ -58,7 +54,7 @@ class Truncate(Method):
     def detach(self, model, active):
         pass
 
-    def reach(self, model, params):
+    def reach(self, params):
         return None  # any input: the start is dropped
 
 

@@ -2,11 +2,11 @@
 
 Keys sit at ``j mod (chunk_size - local_window)``; queries at three positions (own chunk, previous chunk,
 older chunks), so every distance stays within ``chunk_size < L`` at any length. The position maps are in
-``positions.py``, validation in ``config.dca_config``, the attention in ``integrations/hf/dca.py`` and
-``backends/``.
+``positions.py``, the description (parameters, validation) in ``config.py``, the attention in
+``integrations/hf/dca.py`` and ``backends/``.
 
-Defaults: ``chunk_size = 3L/4`` (ChunkLlama), ``local_window = L/16`` (ChunkLlama's first release; its current
-code uses L/8; we take the smaller window the issue asks for). A model whose config carries Qwen's
+Defaults: ``chunk_size = 3L/4`` (ChunkLlama), ``local_window = L/16`` (ChunkLlama's first release, whose
+published results ours compare with; its current code uses L/8). A model whose config carries Qwen's
 ``dual_chunk_attention_config`` (``chunk_size``, ``local_size``, ``original_max_position_embeddings``) uses it
 when neither size is given, and turns the temperature on by default, as Qwen always pairs DCA with it.
 
@@ -17,29 +17,17 @@ Nothing else depends on ``target_length``: the chunk sizes follow L, not the inp
 
 from __future__ import annotations
 
-from ..config import DCAConfig, dca_config
+from ..config import ATTENTION_SPECS
 from ..integrations.hf import DCA
 from . import METHODS
-from .base import TRAINED_LENGTH, AttentionMethod, Param, backend_param, config_params
+from .base import AttentionMethod
 
 
 @METHODS.register("dca")
 class DualChunkAttention(AttentionMethod):
     summary = ("Dual Chunk Attention (ChunkLlama): keys at j mod chunk_len; "
                "intra/successive/inter-chunk queries")
-    params = (
-        Param("chunk_size", int, None, "cs < L: largest query position (default 3L/4, or Qwen's config)",
-              minimum=2, fix="the default is 3L/4"),
-        Param("local_window", int, None, "w < cs: chunk_len = cs - w; exact distances to the previous chunk "
-              "while i mod chunk_len <= w (default L/16)", minimum=1, fix="the default is L/16"),
-        Param("temperature", bool, None, "logits x (0.1 ln s + 1)^2 past L, s = (pos + 1) / L "
-              "(default: on for models with Qwen's dual_chunk_attention_config, else off)"),
-        Param("vanilla_within_trained", bool, True, "queries before the trained length keep plain RoPE: "
-              "the model is exactly vanilla within L"),
-        TRAINED_LENGTH,
-        backend_param("dca"),
-    )
-    config_class = DCAConfig
+    spec = ATTENTION_SPECS["dca"]
     integration = DCA
 
     def check_together(self, params):
@@ -47,10 +35,3 @@ class DualChunkAttention(AttentionMethod):
         if cs is not None and w is not None and w >= cs:
             raise ValueError(f"local_window={w} must be smaller than chunk_size={cs} (chunk_len = "
                              f"chunk_size - local_window must be >= 1); use local_window <= {cs // 4}.")
-
-    def resolve(self, model, target_length, params):
-        self.check_params(params)
-        return config_params(dca_config(model.config, params, target_length))
-
-    def reach(self, model, params):
-        return self.config(params).reach

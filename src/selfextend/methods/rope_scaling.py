@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 
 from ..config import check_yarn_betas, rope_scaling_factor
+from ..integrations.hf.attention import warn_per_1k
 from ..integrations.hf.model_info import check_model, rotary_embedding
 from . import METHODS
 from .base import TRAINED_LENGTH, ActiveMethod, Method, Param, trained_length
@@ -64,14 +64,12 @@ def _reach_guard(method: str, params: dict, reach: int) -> Callable:
         if not isinstance(positions, torch.Tensor) or positions.numel() == 0 or torch.compiler.is_compiling():
             return None
         needed = int(positions.max()) + 1
-        if needed > reach and needed // 1024 not in warned:
-            warned.add(needed // 1024)
+        if needed > reach:
             L = params["trained_length"]
-            warnings.warn(
+            warn_per_1k(warned, needed, (
                 f"{needed} tokens exceed the reach {reach} of {method} (factor={params['factor']:g}, trained "
                 f"length {L}): positions past it are outside what the scaling was set for. Apply it with "
-                f"target_length >= {needed} (factor >= {needed / L:.3f}) for inputs this long.",
-                RuntimeWarning, stacklevel=2)
+                f"target_length >= {needed} (factor >= {needed / L:.3f}) for inputs this long."))
         return None
 
     return guard
@@ -88,13 +86,13 @@ class RopeScaling(Method):
         TRAINED_LENGTH,
     )
 
-    def resolve(self, model, target_length, params):
+    def resolve(self, model_config, target_length, params):
         self.check_params(params)
-        L = trained_length(model, params)
+        L = trained_length(model_config, params)
         factor = rope_scaling_factor(self.name, params.get("factor"), target_length, L, self.bounded)
         return {**{k: v for k, v in params.items() if v is not None}, "factor": factor, "trained_length": L}
 
-    def reach(self, model, params):
+    def reach(self, params):
         return int(math.floor(params["trained_length"] * params["factor"])) if self.bounded else None
 
     def attach(self, model, params, previous):
@@ -123,7 +121,7 @@ class RopeScaling(Method):
         device = next(iter(rotary.buffers())).device
         new = type(rotary)(config).to(device)
         if self.bounded:  # the new module goes with detach, and its hook with it
-            new.register_forward_pre_hook(_reach_guard(self.name, params, self.reach(model, params)),
+            new.register_forward_pre_hook(_reach_guard(self.name, params, self.reach(params)),
                                           with_kwargs=True)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -111,7 +111,7 @@ _variant("passkey_essays_alt", "essays", "alt", "passkey in the essays, other wo
 
 
 def make_passkey(tokenizer, target_tokens: int, depth: float, seed: int = 0) -> Sample:
-    """One passkey prompt (kept for the CLI demo and the core benchmark)."""
+    """One ``passkey`` prompt without a ``TASKS`` lookup (the CLI demo and the core benchmark)."""
     return Passkey().make(tokenizer, target_tokens, depth, seed)
 
 

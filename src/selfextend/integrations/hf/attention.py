@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ...attention_inputs import Rotator
 from ...positions import POSITION_IDS_ERROR, key_positions_unchecked
 from ...rope import rotate_by
 from .model_info import check_model, disable_global_sliding_window, inv_freq_getter
@@ -154,13 +156,20 @@ class LayerState:
     vanilla: Callable
     layout: str = "rotate_half"
     layer_idx: int | None = None  # the layer's index in the KV cache
-    extra: Any = None  # the method's per-layer helper (DCA: its GroupedKeyStore)
+    extra: Any = None  # the method's per-layer helper (DCA: its RotatedKeyStore)
 
     def rotate(self, x: torch.Tensor, delta: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
         """``x`` rotated by ``delta`` positions with this layer's frequencies. What outlives a call (a cache's
         record of how to rotate its keys back) keeps this, never a call's bound method: that would keep the
         call's query, key and value alive with it."""
         return rotate_by(x, delta, self.inv_freq(), self.layout, memo)
+
+
+def warn_per_1k(seen: set[int], length: int, message: str) -> None:
+    """A RuntimeWarning once per 1k tokens of input length: not once per layer, nor per decode step."""
+    if length // 1024 not in seen:
+        seen.add(length // 1024)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def vanilla_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
@@ -267,6 +276,20 @@ class AttentionCall:
         decode step) reuse one matrix per forward across layers (``rope.rotate_by``'s memo)."""
         memo = self.spec._materialized if shared and self.spec is not None else None
         return self.layer.rotate(x, delta, memo)
+
+    def rotator(self, maps: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Rotator:
+        """The method's rotator (``attention_inputs``): ``x`` at ``pos`` moved to ``maps[name](pos)``. The
+        deltas of this call's query positions are computed once per forward and shared by every layer (with
+        the small-rotation matrices built from them); any other positions are rotated afresh."""
+
+        def rotate(x: torch.Tensor, pos: torch.Tensor, name: str) -> torch.Tensor:
+            if pos is not self.query_pos:
+                return self.rotate(x, maps[name](pos) - pos, shared=False)
+            delta = self.per_forward((name, self.config, *pos.shape, self.kv_len, pos.device),
+                                     lambda: maps[name](pos) - pos)
+            return self.rotate(x, delta)
+
+        return rotate
 
 
 class AttentionIntegration:

@@ -13,8 +13,8 @@ official patches do) costs O(L * D) work and a K-sized temporary per step. Two p
   that hand the attention their own storage qualify (``DynamicCache``, ``StaticCache``); with any other
   cache, or without one, grouped keys are rotated per call and nothing is kept. ``remove`` rotates every
   cache it saw back to true positions (float rounding aside: rotations are not bit-exact inverses).
-* ``GroupedKeyStore`` (DCA): a per-layer side store of rotated keys, checked against the keys it is
-  given. It costs one extra K while decoding, but never touches the user's cache.
+* ``RotatedKeyStore`` (DCA): a per-layer side store of keys rotated to the method's key positions, checked
+  against the keys it is given. It costs one extra K while decoding, but never touches the user's cache.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ...positions import grouped_key_positions
 from .compat import CACHE_NAMES, output_cache
 
 
-class GroupedKeyStore:
+class RotatedKeyStore:
     """Rotated keys kept beside the cache: a prefill from an empty cache keeps nothing (its peak memory is
     unchanged); the first call that continues a cache rotates the cached keys once, later calls only the new
     ones. It checks that it still describes the keys it is given (batch shape, dtype, first and last stored
@@ -59,10 +59,10 @@ class GroupedKeyStore:
             return False
         return torch.equal(key[:, :, 0], self._first) and torch.equal(key[:, :, self._len - 1], self._last)
 
-    def grouped_keys(
+    def rotated_keys(
         self, key: torch.Tensor, written: int, keep: bool, rotate: Callable[[torch.Tensor, int], torch.Tensor]
     ) -> torch.Tensor:
-        """Keys ``[0, written)`` rotated to grouped positions.
+        """Keys ``[0, written)`` rotated to the method's key positions.
 
         Args:
             key: (B, Hkv, kv_len, D) keys rotated at their true positions (kv_len >= written).

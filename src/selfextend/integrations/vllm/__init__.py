@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .settings import Settings, original_length, overrides_for, resolve
+from .settings import KEYS, Settings, original_length, overrides_for, resolve
 
 CPU_BACKEND = "selfextend.integrations.vllm.cpu.SelfExtendCPUAttentionBackend"
 CUDA_BACKEND = "selfextend.integrations.vllm.cuda.SelfExtendTritonAttentionBackend"
@@ -52,8 +52,8 @@ def settings_for(model: str, method: str = "selfextend", *, target_length: int |
                  **params: Any) -> Settings:
     from transformers import AutoConfig
 
-    if method not in ("selfextend", "dca"):
-        raise ValueError(f"method must be 'selfextend' or 'dca', got {method!r}")
+    if method not in KEYS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, KEYS))}, got {method!r}")
     config = AutoConfig.from_pretrained(model, local_files_only=True)
     config = getattr(config, "text_config", None) or config
     body = dict(params)

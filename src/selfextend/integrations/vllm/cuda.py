@@ -30,12 +30,11 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
+from . import CUDA_NAME
 from .engine import MethodLayer, attend_gpu_batch, layer_method
 from .paged import PagedSelfExtend
 
 logger = logging.getLogger("selfextend")
-
-NAME = "SELFEXTEND"
 
 
 class SelfExtendTritonAttentionImpl(MethodLayer, TritonAttentionImpl):
@@ -73,7 +72,7 @@ class SelfExtendTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 class SelfExtendTritonAttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_name() -> str:
-        return NAME
+        return CUDA_NAME
 
     @staticmethod
     def get_impl_cls() -> type[SelfExtendTritonAttentionImpl]:

@@ -19,23 +19,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import ClassVar
 
 import torch
 
-from ...backends import DCAInputs, SelfExtendInputs, select_backend
-from ...config import DCAConfig, SelfExtendConfig
-from ...positions import (
-    chunk_key_positions,
-    grouped_key_positions,
-    grouped_query_positions,
-    inter_chunk_query_positions,
-    intra_chunk_query_positions,
-    query_scale,
-    successive_chunk_query_positions,
-)
+from ...backends import select_backend
+from ...backends.triton import KERNELS
+from ...config import ATTENTION_SPECS, AttentionSpec, DCAConfig, SelfExtendConfig
+from ...positions import query_scale
 from ...rope import rotate_with, rotation_table
 
-PAGED_HEAD_DIMS = (64, 128, 256)  # the paged Triton kernel's (``backends/triton_paged.py``)
 _GROW = 4096  # table rows are added this many at a time (rounded up)
 
 
@@ -70,65 +63,76 @@ class RotationTable:
         return rotate_with(x, cos, sin, layout)
 
 
+class PagedRotator:
+    """The rotator of ``attention_inputs`` over ``RotationTable``s, one per position map of the method: a
+    tensor ``(n, heads, D)`` with positions ``(n,)``, or ``(B, heads, T, D)`` with ``(B, T)``."""
+
+    def __init__(self, maps: dict, inv_freq: torch.Tensor, layout: str) -> None:
+        self.layout = layout
+        self.tables = {name: RotationTable(lambda p, to=to: to(p) - p, inv_freq) for name, to in maps.items()}
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, name: str,
+                 need: int | None = None) -> torch.Tensor:
+        return self.tables[name].rotate(x, pos, self.layout, need)
+
+
 class PagedMethod:
-    """One method's attention for one request: ``attend(query, key, value, scale)``."""
+    """One method's attention for one request: ``attend(query, key, value, scale)``. The method is its
+    ``spec`` (``config.ATTENTION_SPECS``): the position maps and the input builder every host shares."""
+
+    spec: ClassVar[AttentionSpec]
 
     def __init__(self, config, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
         self.config = config
         self.inv_freq = inv_freq
         self.layout = layout
+        self.rotate = PagedRotator(self.spec.maps(config), inv_freq, layout)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                softcap: float | None = None) -> torch.Tensor:
         """query (q_len, H, D) for the request's last q_len tokens; key/value (T, Hkv, D) for all its T
         tokens, token t at position t. Returns (q_len, H, Dv)."""
         q_len, kv_len = query.shape[0], key.shape[0]
-        query_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
-        key_pos = torch.arange(kv_len, device=query.device)
-        inputs = self.inputs(query, key, query_pos, key_pos, dict(
-            value=_heads_first(value), query_pos=query_pos[None], key_pos=key_pos[None], key_valid=None,
-            q_start=kv_len - q_len, scaling=scale, softcap=softcap))
+        query_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[None]
+        key_pos = torch.arange(kv_len, device=query.device)[None]
+        key = _heads_first(key)
+        inputs = self.spec.inputs(
+            self.config, _heads_first(query), kv_len - 1, self.rotate,
+            lambda: self.rotate(key, key_pos, "key", need=kv_len), key=key, value=_heads_first(value),
+            query_pos=query_pos, key_pos=key_pos, key_valid=None, q_start=kv_len - q_len, scaling=scale,
+            softcap=softcap)
         out = select_backend(self.config.backend, inputs).forward(inputs)  # (1, H, q_len, Dv)
         return out[0].transpose(0, 1)
 
-    def inputs(self, query, key, query_pos, key_pos, common):
-        raise NotImplementedError
 
-    def scaled_queries(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-        """Query rows x the optional temperature (both methods) and SelfExtend's log scaling."""
-        cfg = self.config
-        factor = query_scale(query_pos[None], cfg.trained_length, query.dtype, temperature=cfg.temperature,
-                             scale_base=getattr(cfg, "scale_base", 0))
-        return query if factor is None else query * factor[0, 0, :, :, None]
+class PagedDCA(PagedMethod):
+    spec = ATTENTION_SPECS["dca"]
+    config: DCAConfig
 
 
 class PagedSelfExtend(PagedMethod):
+    """Also a whole varlen batch in one launch of the paged Triton kernel (``attend_paged``)."""
+
+    spec = ATTENTION_SPECS["self-extend"]
     config: SelfExtendConfig
 
     def __init__(self, config: SelfExtendConfig, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
         super().__init__(config, inv_freq, layout)
-        G, W = config.group_size, config.window
-        self.keys = RotationTable(lambda p: grouped_key_positions(p, G) - p, inv_freq)
-        self.queries = RotationTable(lambda p: grouped_query_positions(p, G, W) - p, inv_freq)
+        self.keys, self.queries = self.rotate.tables["key"], self.rotate.tables["query"]
 
-    def inputs(self, query, key, query_pos, key_pos, common):
-        query = self.scaled_queries(query, query_pos)
-        if int(query_pos[-1]) < self.config.window or self.config.group_size == 1:
-            grouped_query, grouped_key = query, key  # every pair is a neighbor: grouped ones are never read
-        else:
-            grouped_query = self.queries.rotate(query, query_pos, self.layout) * self.config.grouped_scale
-            grouped_key = self.keys.rotate(key, key_pos, self.layout)
-        return SelfExtendInputs(query=_heads_first(query), key=_heads_first(key),
-                                grouped_query=_heads_first(grouped_query),
-                                grouped_key=_heads_first(grouped_key), window=self.config.window, **common)
+    def scaled_queries(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """Packed query rows (T, H, D) x the optional temperature and log scaling."""
+        cfg = self.config
+        factor = query_scale(query_pos[None], cfg.trained_length, query.dtype, temperature=cfg.temperature,
+                             scale_base=cfg.scale_base)
+        return query if factor is None else query * factor[0, 0, :, :, None]
 
     def paged_reason(self, query: torch.Tensor, value_dim: int) -> str | None:
         """Why ``attend_paged`` cannot take this batch (None: it can); the caller then gathers."""
         dim = query.shape[-1]
-        if dim not in PAGED_HEAD_DIMS or value_dim not in PAGED_HEAD_DIMS:
-            return f"head dim {dim} (value {value_dim}) is not one of {PAGED_HEAD_DIMS}"
-        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {query.dtype} is not float16, bfloat16 or float32"
+        reason = KERNELS.head_dim_reason(dim, value_dim) or KERNELS.dtype_reason(query.dtype)
+        if reason is not None:
+            return reason
         if self.layout != "rotate_half" or 2 * self.inv_freq.numel() != dim:
             return "the kernel rotates the whole head, rotate-half layout only"
         if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -156,31 +160,6 @@ class PagedSelfExtend(PagedMethod):
             query, grouped, key_cache, value_cache, block_table, seq_lens, query_start_loc, key_cos, key_sin,
             self.config.window, scale, max_query_len=max_query_len, max_seq_len=max_seq_len, out=out,
             **launch)
-
-
-class PagedDCA(PagedMethod):
-    config: DCAConfig
-
-    def __init__(self, config: DCAConfig, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
-        super().__init__(config, inv_freq, layout)
-        cs, cl = config.chunk_size, config.chunk_len
-        self.keys = RotationTable(lambda p: chunk_key_positions(p, cl) - p, inv_freq)
-        self.intra = RotationTable(lambda p: intra_chunk_query_positions(p, cl) - p, inv_freq)
-        self.succ = RotationTable(lambda p: successive_chunk_query_positions(p, cs, cl) - p, inv_freq)
-        self.inter = RotationTable(lambda p: inter_chunk_query_positions(p, cs) - p, inv_freq)
-
-    def inputs(self, query, key, query_pos, key_pos, common):
-        cfg = self.config
-        if int(query_pos[-1]) < cfg.exact_below:  # plain RoPE for every query: the chunk parts are never read
-            chunk_key, intra, succ, inter = key, query, query, query
-        else:
-            chunk_key = self.keys.rotate(key, key_pos, self.layout)
-            intra, succ, inter = (self.scaled_queries(table.rotate(query, query_pos, self.layout), query_pos)
-                                  for table in (self.intra, self.succ, self.inter))
-        return DCAInputs(query=_heads_first(query), key=_heads_first(key), chunk_key=_heads_first(chunk_key),
-                         query_intra=_heads_first(intra), query_succ=_heads_first(succ),
-                         query_inter=_heads_first(inter), chunk_size=cfg.chunk_size,
-                         local_window=cfg.local_window, exact_below=cfg.exact_below, **common)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -215,4 +194,6 @@ def write(cache: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> Non
 
 
 def method_for(config, inv_freq: torch.Tensor, layout: str = "rotate_half") -> PagedMethod:
-    return (PagedSelfExtend if isinstance(config, SelfExtendConfig) else PagedDCA)(config, inv_freq, layout)
+    """The paged attention of the method whose config ``config`` is."""
+    cls = next(c for c in (PagedSelfExtend, PagedDCA) if isinstance(config, c.spec.config_class))
+    return cls(config, inv_freq, layout)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from ...config import QWEN_DCA_KEY, DCAConfig, SelfExtendConfig
+from ...config import ATTENTION_SPECS, AttentionSpec, DCAConfig, SelfExtendConfig
+from ...params import check_params
 
-KEYS = {"selfextend": "self-extend", "dca": "dca"}  # hf_overrides key -> method name
+KEYS = {spec.override_key: spec.name for spec in ATTENTION_SPECS.values()}  # hf_overrides key -> method
 PURE_ROTATIONS = ("default", "linear", "llama3")  # rope types whose cos/sin are a rotation and nothing else
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, full rotary, no soft-capping
 
@@ -30,6 +30,10 @@ class Settings:
     inv_freq: torch.Tensor  # fp32, the model's own after its rope type's adjustments
     reach: int  # the longest input the settings are for
 
+    @property
+    def spec(self) -> AttentionSpec:
+        return ATTENTION_SPECS[self.method]
+
     def describe(self) -> str:
         return f"{self.method}: {self.config.describe()}"
 
@@ -40,7 +44,8 @@ def requested(hf_config) -> tuple[str, str, dict[str, Any]] | None:
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError("hf_overrides asks for both 'selfextend' and 'dca'; keep one of them.")
+        asked = " and ".join(repr(key) for key, _ in found)
+        raise ValueError(f"hf_overrides asks for {asked}; keep one of them.")
     key, method = found[0]
     params = getattr(hf_config, key)
     if not isinstance(params, dict):
@@ -70,19 +75,15 @@ def resolve(hf_config, *, trained_length: int | None = None) -> Settings | None:
     if asked is None:
         return None
     key, name, params = asked
-    from ...methods import METHODS
-
-    method = METHODS[name]
+    spec = ATTENTION_SPECS[name]
     target_length = params.pop("target_length", None)
-    method.check_params(params)  # unknown keys: the message `apply` gives
+    check_params(name, spec.params, params)  # unknown keys: the message `apply` gives
     base = copy.copy(hf_config)  # the model as trained: its own length (tuned settings are keyed by it)
     length = params.get("trained_length") or trained_length  # (a Qwen DCA config names its own)
     if length is not None:
         base.max_position_embeddings = length
-    resolved = method.resolve(SimpleNamespace(config=base), target_length, params)
-    config = method.config(resolved)
-    reach = config.max_length if name == "self-extend" else config.reach
-    return Settings(name, config, inverse_frequencies(base, config.trained_length), reach)
+    config = spec.resolve(base, target_length, params)
+    return Settings(name, config, inverse_frequencies(base, config.trained_length), config.reach)
 
 
 def inverse_frequencies(hf_config, trained_length: int) -> torch.Tensor:
@@ -145,15 +146,16 @@ def refusal(hf_config, settings: Settings, *, max_model_len: int, raised: bool, 
     if context_parallel > 1:
         return (f"{what} cannot run with decode/prefill context parallelism (DCP/PCP shard keys by token, "
                 "and the method needs every key of a request); use tensor_parallel_size instead.")
-    if what == "self-extend" and not raised:
-        return (f"SelfExtend reaches {settings.reach} tokens but vLLM still caps inputs at the model's "
+    if settings.spec.reach_is_limit and not raised:
+        return (f"{what} reaches {settings.reach} tokens but vLLM still caps inputs at the model's "
                 f"max_position_embeddings: add \"max_position_embeddings\": {settings.reach} to hf_overrides "
                 f"(selfextend.integrations.vllm.overrides(...) builds them), e.g. --hf-overrides "
                 f"'{json.dumps(overrides_for(settings))}'")
-    if what == "self-extend" and max_model_len > settings.reach and not settings.config.allow_overflow:
-        return (f"max_model_len={max_model_len} exceeds SelfExtend's reach {settings.reach} "
-                f"(group_size={settings.config.group_size}, window={settings.config.window}): lower "
-                f"max_model_len to {settings.reach} or raise group_size.")
+    if (settings.spec.reach_is_limit and max_model_len > settings.reach
+            and not getattr(settings.config, "allow_overflow", False)):
+        return (f"max_model_len={max_model_len} exceeds {what}'s reach {settings.reach} "
+                f"({settings.config.describe()}): lower max_model_len to {settings.reach} or extend the "
+                "reach (a larger group_size).")
     return None
 
 
@@ -162,13 +164,9 @@ def overrides_for(settings: Settings) -> dict[str, Any]:
 
     Every setting that differs from its default travels (``grouped_scale``, ``backend``, ...): dropping one
     would make vLLM run another method than the one resolved, silently."""
-    cfg = settings.config
-    if settings.method == "self-extend":
-        body = _explicit(cfg, ("group_size", "window", "trained_length"))
-        return {"selfextend": body, "max_position_embeddings": settings.reach}
-    body = _explicit(cfg, ("chunk_size", "local_window", "trained_length", "temperature",
-                           "vanilla_within_trained"))  # temperature's default depends on the model: explicit
-    return {"dca": body, "max_position_embeddings": settings.reach, QWEN_DCA_KEY: None}
+    spec = settings.spec
+    return {spec.override_key: _explicit(settings.config, spec.always_explicit),
+            "max_position_embeddings": settings.reach, **dict.fromkeys(spec.clears)}
 
 
 def _explicit(cfg: SelfExtendConfig | DCAConfig, always: tuple[str, ...]) -> dict[str, Any]:
