@@ -128,3 +128,11 @@ def counting(module: ModuleType, name: str) -> Iterator[Counted]:
         yield counted
     finally:
         setattr(module, name, kernel)
+
+
+def launching(module_name: str, kernel: str) -> Iterator[ModuleType]:
+    """A fixture body: the interpreted module ``module_name`` installed, and the test failed if its ``kernel``
+    never launched (a test that silently ran another backend proves nothing about the kernel)."""
+    with installed() as built, counting(built[module_name], kernel) as counted:
+        yield built[module_name]
+    assert counted.launches, f"{module_name}.{kernel} never launched"

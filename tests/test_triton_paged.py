@@ -27,11 +27,9 @@ def paged_module():
 
 
 @pytest.fixture
-def tp(paged_module):
+def tp():
     """``paged_module``, for a test that must launch the kernel (it fails if the kernel never ran)."""
-    with interpreted.counting(paged_module, "_paged_selfextend_fwd") as kernel:
-        yield paged_module
-    assert kernel.launches, "the paged kernel never launched"
+    yield from interpreted.launching("triton_paged", "_paged_selfextend_fwd")
 
 
 D = 64
