@@ -275,3 +275,23 @@ def test_self_extend_temperature_is_the_softmax_scale_times_t_squared():
     for m in attn:
         m.scaling /= t * t
     assert (logits(model, x)[:, -1] - warm).abs().max() > 1e-3
+
+
+def test_vanilla_warns_past_the_trained_length_and_remove_drops_the_warning():
+    """The API says when an input passes what the active method is for, vanilla included (its reach is the
+    trained length), as the CLI and the server do; the logits are vanilla's either way."""
+    import warnings
+
+    model = build_model("llama")
+    x = torch.randint(3, 100, (1, TRAINED + 1), generator=torch.Generator().manual_seed(0))
+    plain = model(x).logits
+    selfextend.apply(model, method="vanilla")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x[:, :TRAINED])  # within the trained length: silent
+    with pytest.warns(RuntimeWarning, match=f"{TRAINED + 1} tokens exceed the trained length {TRAINED}"):
+        assert torch.equal(model(x).logits, plain)
+    selfextend.remove(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)

@@ -218,6 +218,13 @@ def _eval_cmd(tiny_dir: Path, out: Path) -> list[str]:
             "--out", str(out), "--no-plots"]
 
 
+def _as_from_a_shell() -> None:
+    """SIGINT at its default in the child, as a shell starts a command: an ignored or blocked SIGINT is
+    inherited across exec, and a test process may have either from what ran in it before."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     t = time.time()
     while time.time() - t < timeout:
@@ -251,7 +258,7 @@ def test_interrupted_eval_resumes_every_cell_exactly_once(tiny_dir, tmp_path, si
     for attempt in range(3):  # on a loaded machine the tiny eval can finish before the signal: try again
         out = tmp_path / f"cut{attempt}"
         proc = subprocess.Popen(_eval_cmd(tiny_dir, out), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                text=True, env=env)
+                                text=True, env=env, preexec_fn=_as_from_a_shell)
         samples = out / "samples_passkey.jsonl"
         _wait_for_rows(samples, 5, proc)
         # a second writer on the same --out is refused while the first runs (an OS lock, across processes)

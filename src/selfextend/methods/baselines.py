@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..config import truncate_keep
+from ..integrations.hf.attention import reach_guard
+from ..integrations.hf.model_info import rotary_embedding
+from ..params import trained_length_of
 from . import METHODS
 from .base import STATE_ATTR, TRAINED_LENGTH, ActiveMethod, Method, Param, trained_length
 
@@ -19,10 +22,25 @@ class Vanilla(Method):
         return {}
 
     def attach(self, model, params, previous):
-        return ActiveMethod(self.name, {})
+        """Nothing changes; a forward past the trained length warns, as every method does past its reach."""
+        if previous is not None:
+            self.detach(model, previous)
+        _, rotary = rotary_embedding(model)
+        if rotary is None:
+            return ActiveMethod(self.name, {})
+        L = trained_length_of(model.config)
+
+        def message(needed: int) -> str:
+            return (f"{needed} tokens exceed the trained length {L} and the model is vanilla: positions past "
+                    f"it extrapolate (what the baseline measures). Apply a method with target_length >= "
+                    f"{needed} to read inputs this long.")
+
+        hook = rotary.register_forward_pre_hook(reach_guard(L, message), with_kwargs=True)
+        return ActiveMethod(self.name, {}, {"hook": hook})
 
     def detach(self, model, active):
-        pass
+        if "hook" in active.data:
+            active.data["hook"].remove()
 
 
 DROPS = ("middle", "start")

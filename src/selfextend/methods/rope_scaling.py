@@ -19,10 +19,8 @@ import copy
 import math
 from collections.abc import Callable
 
-import torch
-
 from ..config import check_yarn_betas, rope_scaling_factor
-from ..integrations.hf.attention import warn_per_1k
+from ..integrations.hf.attention import reach_guard
 from ..integrations.hf.model_info import check_model, rotary_embedding
 from . import METHODS
 from .base import TRAINED_LENGTH, ActiveMethod, Method, Param, trained_length
@@ -55,24 +53,14 @@ def _yarn(base: dict, factor: float, L: int, params: dict) -> tuple[dict, int]:
     return out, int(math.ceil(L * factor))
 
 
-def _reach_guard(method: str, params: dict, reach: int) -> Callable:
-    """A forward pre-hook for the rotary module: warn (once per 1k tokens) when positions pass ``reach``."""
-    warned: set[int] = set()
-
-    def guard(module, args, kwargs):
-        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-        if not isinstance(positions, torch.Tensor) or positions.numel() == 0 or torch.compiler.is_compiling():
-            return None
-        needed = int(positions.max()) + 1
-        if needed > reach:
-            L = params["trained_length"]
-            warn_per_1k(warned, needed, (
-                f"{needed} tokens exceed the reach {reach} of {method} (factor={params['factor']:g}, trained "
+def _past_reach(method: str, params: dict, reach: int) -> Callable[[int], str]:
+    def message(needed: int) -> str:
+        L = params["trained_length"]
+        return (f"{needed} tokens exceed the reach {reach} of {method} (factor={params['factor']:g}, trained "
                 f"length {L}): positions past it are outside what the scaling was set for. Apply it with "
-                f"target_length >= {needed} (factor >= {needed / L:.3f}) for inputs this long."))
-        return None
+                f"target_length >= {needed} (factor >= {needed / L:.3f}) for inputs this long.")
 
-    return guard
+    return message
 
 
 class RopeScaling(Method):
@@ -121,7 +109,8 @@ class RopeScaling(Method):
         device = next(iter(rotary.buffers())).device
         new = type(rotary)(config).to(device)
         if self.bounded:  # the new module goes with detach, and its hook with it
-            new.register_forward_pre_hook(_reach_guard(self.name, params, self.reach(params)),
+            new.register_forward_pre_hook(reach_guard(self.reach(params), _past_reach(self.name, params,
+                                                                                     self.reach(params))),
                                           with_kwargs=True)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

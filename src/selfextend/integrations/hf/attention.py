@@ -146,6 +146,7 @@ class ModelState:
     changed_sliding_window: bool = False
     layer_modules: list = field(default_factory=list)
     extra: Any = None  # the method's per-model helper (SelfExtend: its GroupedCache)
+    warned: set[int] = field(default_factory=set)  # input lengths (in 1k) past the reach already warned of
 
 
 @dataclass
@@ -170,6 +171,23 @@ def warn_per_1k(seen: set[int], length: int, message: str) -> None:
     if length // 1024 not in seen:
         seen.add(length // 1024)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def reach_guard(reach: int, message: Callable[[int], str]) -> Callable:
+    """A forward pre-hook for the rotary module: ``warn_per_1k`` with ``message(tokens)`` when positions pass
+    ``reach``. On the rotary module, not in attention, so it runs once per forward and for any method."""
+    warned: set[int] = set()
+
+    def guard(module, args, kwargs):
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if not isinstance(positions, torch.Tensor) or positions.numel() == 0 or torch.compiler.is_compiling():
+            return None
+        needed = int(positions.max()) + 1
+        if needed > reach:
+            warn_per_1k(warned, needed, message(needed))
+        return None
+
+    return guard
 
 
 def vanilla_attention_function(module: torch.nn.Module, implementation: str) -> Callable:
@@ -374,6 +392,7 @@ class AttentionIntegration:
         """New settings on an installed model: keep the layer state, drop what the old settings left."""
         check_model(model, self.label)
         state.config = config
+        state.warned.clear()  # new settings, a new reach: warn again
         disable_global_sliding_window(model, state, self.remaps(config))
         self.settings_changed(state)
         logger.info("selfextend: %s settings changed: %s", self.label, config.describe())

@@ -18,7 +18,6 @@ from .attention import LAYER_ATTR, AttentionCall, AttentionIntegration, ModelSta
 from .grouped_cache import RotatedKeyStore
 
 SPEC = ATTENTION_SPECS["dca"]
-_past_reach_warned: set[int] = set()
 
 
 class DCAAttention(AttentionIntegration):
@@ -37,7 +36,7 @@ class DCAAttention(AttentionIntegration):
         if cfg.exact(call.max_pos):
             return None  # every query attends with its true distances: exactly vanilla
         if call.max_pos >= cfg.reach:  # positions stay in range, so a warning, not SelfExtend's refusal
-            warn_per_1k(_past_reach_warned, call.max_pos + 1, (
+            warn_per_1k(call.layer.model_state.warned, call.max_pos + 1, (
                 f"{call.max_pos + 1} tokens are past DCA's reach {cfg.reach} = {DCA_REACH_FACTOR}x the "
                 f"trained length {cfg.trained_length}, the longest published training-free use: positions "
                 "stay in range, quality is untested there."))

@@ -18,7 +18,6 @@ from .attention import AttentionCall, AttentionIntegration, ModelState, warn_per
 from .grouped_cache import GroupedCache
 
 SPEC = ATTENTION_SPECS["self-extend"]
-_overflow_warned: set[int] = set()
 
 
 class SelfExtendAttention(AttentionIntegration):
@@ -44,7 +43,7 @@ class SelfExtendAttention(AttentionIntegration):
         if exact and not cfg.scales_queries(call.max_pos):
             return None  # vanilla, unless a query row must be scaled (temperature, log scale)
         if call.max_pos >= cfg.reach:
-            _overflow(cfg, call.max_pos + 1)
+            _overflow(cfg, call.max_pos + 1, call.layer.model_state.warned)
 
         key_valid, key_pos = call.key_positions()
         G, W, written = cfg.group_size, cfg.window, call.written
@@ -74,7 +73,7 @@ def ends_contiguous(key_valid: torch.Tensor | None, written: int) -> bool:
     return bool(((count == 0) | (first + count == written)).all())
 
 
-def _overflow(cfg: SelfExtendConfig, length: int) -> None:
+def _overflow(cfg: SelfExtendConfig, length: int, warned: set[int]) -> None:
     msg = (
         f"{length} tokens exceed the reach {reach_formula(cfg.trained_length, cfg.window, cfg.group_size)}"
         f" of window={cfg.window}, group_size={cfg.group_size}: grouped positions leave "
@@ -82,7 +81,7 @@ def _overflow(cfg: SelfExtendConfig, length: int) -> None:
     )
     if not cfg.allow_overflow:
         raise ValueError(msg + ", or pass allow_overflow=True to continue with a warning.")
-    warn_per_1k(_overflow_warned, length, msg + ".")
+    warn_per_1k(warned, length, msg + ".")
 
 
 SELFEXTEND = SelfExtendAttention()
