@@ -80,7 +80,8 @@ def main() -> int:
     if not args.table_only:
         for method in methods:
             run(method, args.out / method, args.threads)
-    text = table(methods, args.out)
+    done = sorted(p.name for p in args.out.iterdir() if p.is_dir())  # earlier runs' methods too
+    text = table([*methods, *(m for m in done if m not in methods)], args.out)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
     return 0
