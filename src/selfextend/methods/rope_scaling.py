@@ -109,8 +109,8 @@ class RopeScaling(Method):
         device = next(iter(rotary.buffers())).device
         new = type(rotary)(config).to(device)
         if self.bounded:  # the new module goes with detach, and its hook with it
-            new.register_forward_pre_hook(reach_guard(self.reach(params), _past_reach(self.name, params,
-                                                                                     self.reach(params))),
+            reach = self.reach(params)
+            new.register_forward_pre_hook(reach_guard(reach, _past_reach(self.name, params, reach)),
                                           with_kwargs=True)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
