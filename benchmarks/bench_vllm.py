@@ -8,8 +8,9 @@
 
 On a GPU (vLLM's CUDA wheel, not the CPU one): ``run FOLDER --device cuda`` runs both engines in bf16 and
 names the plugin's backend (``attention_backend="SELFEXTEND"``, without which a CUDA engine runs vLLM's own
-attention); both engines run eagerly unless ``--cuda-graphs`` lets vanilla capture its decode steps (the
-plugin's layers declare no CUDA graphs, so that is the comparison a user meets). Run in the vLLM venv
+attention); both engines run eagerly unless ``--cuda-graphs`` lets both capture their decode steps in CUDA
+graphs (the plugin's with ``SELFEXTEND_CUDA_GRAPHS=1``, its opt-in until a GPU has checked it: uniform
+decode batches captured, prefill eager). Run in the vLLM venv
 (``bash scripts/vllm-venv.sh``). The GGUF is converted once to an fp32 safetensors folder
 (``.venv-vllm/bin/pip install gguf accelerate``, then ``.venv-vllm/bin/python benchmarks/bench_vllm.py convert
 .cache/smollm2``). Each engine runs in its own process. Usage: ``.venv-vllm/bin/python
@@ -133,11 +134,13 @@ def run(args) -> None:
     timed = items[2]["ids"]
     cuda = args.device == "cuda"
     common = {"dtype": args.dtype or ("bfloat16" if cuda else "float32")}
-    own = {**common, "enforce_eager": True, **({"attention_backend": CUDA_NAME} if cuda else {})}
-    plugin = run_engine({"model": args.folder, "hf_overrides": ov, **own}, items, timed, env, work / "plugin")
+    graphs = cuda and args.cuda_graphs
+    own = {**common, "enforce_eager": not graphs, **({"attention_backend": CUDA_NAME} if cuda else {})}
+    plugin = run_engine({"model": args.folder, "hf_overrides": ov, **own}, items, timed,
+                        {**env, "SELFEXTEND_CUDA_GRAPHS": "1" if graphs else "0"}, work / "plugin")
     uncapped = {**env, "VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
     vanilla = run_engine({"model": args.folder, "max_model_len": TARGET + 128, **common,
-                          "enforce_eager": not (cuda and args.cuda_graphs),
+                          "enforce_eager": not graphs,
                           "hf_overrides": {"max_position_embeddings": TARGET + 128}}, [], timed, uncapped,
                          work / "vanilla")
     reference = transformers_answers(args.folder, items, G, W)
@@ -150,7 +153,7 @@ def run(args) -> None:
     p, v = plugin["timing"], vanilla["timing"]
     result = {
         "bench": "vllm", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads, "tokens": n,
-        "device": args.device, "dtype": common["dtype"], "vanilla_cuda_graphs": cuda and args.cuda_graphs,
+        "device": args.device, "dtype": common["dtype"], "cuda_graphs": graphs,
         "group_size": G, "window": W, "passkey": rows,
         "answers_equal": sum(r["equal"] for r in rows), "answers": len(rows),
         "prefill_s": {"plugin": p["prefill"], "vanilla": v["prefill"]},
@@ -182,7 +185,8 @@ def main() -> None:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     r.add_argument("--cuda-graphs", action="store_true",
-                   help="let vanilla vLLM capture CUDA graphs (the plugin runs eagerly either way)")
+                   help="let both engines capture decode steps in CUDA graphs (the plugin's with "
+                        "SELFEXTEND_CUDA_GRAPHS=1)")
     e = sub.add_parser("engine")
     e.add_argument("spec")
     e.add_argument("out")

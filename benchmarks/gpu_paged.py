@@ -21,7 +21,10 @@ cached tokens, ``decode_long`` 1 x 128k. Each times, in ms a call after a warm-u
   launch of the paged kernel, prefill and chunks gathered per request onto the composed backend
   (FlashAttention-2 band + cuDNN grouped pass + Triton merge; ``composed_unsupported`` says if its ops
   refused the input and ``auto`` took another backend);
-* ``paged`` (prefill, chunk): the paged kernel alone (``PagedSelfExtend.attend_paged``).
+* ``paged`` (prefill, chunk): the paged kernel alone (``PagedSelfExtend.attend_paged``);
+* ``graph`` (decode, CUDA): ``gpu_batch`` captured in a CUDA graph and replayed, as vLLM runs it with
+  ``SELFEXTEND_CUDA_GRAPHS=1``, and ``graph_replay_max_abs``: a replay after rewriting ``seq_lens`` against
+  an eager call on the same buffers (0 when capture is right).
 
 with ``<name>_extra_mib`` (peak allocated above what was allocated before, CUDA only) and ``<name>_vs_sdpa``,
 a time ratio (issue 27's targets: <= 1.2 prefill and chunk, <= 1.25 decode 16 x 32k, <= 1.3 decode 1 x 128k;
@@ -309,12 +312,39 @@ def time_cell(method, b: SimpleNamespace, case: str, device: str, reps: int | No
         row[f"{name}_ms"] = timed_ms(fn, reps, device)
         row[f"{name}_extra_mib"] = ((torch.cuda.max_memory_allocated() - base) / 2**20
                                     if device == "cuda" else None)
+    if case == "decode" and device == "cuda":  # what vLLM replays with SELFEXTEND_CUDA_GRAPHS=1
+        row.update(graph_replay(gpu_batch, b, reps))
+        fns.append(("graph", None))
     for name, _ in fns[1:]:
         row[f"{name}_vs_sdpa"] = row[f"{name}_ms"] / row["sdpa_ms"]  # time ratio: <= 1 is as fast as SDPA
     if case != "decode":  # the two SelfExtend paths agree (both bf16 on CUDA: about 1e-2)
         got = gpu_batch()[: b.query.shape[0]].view(b.query.shape).float()
         row["gpu_batch_vs_paged_max_abs"] = float((got - paged().float()).abs().max())
     row["status"] = "ok"
+    return row
+
+
+def graph_replay(gpu_batch, b: SimpleNamespace, reps: int) -> dict:
+    """The decode batch captured in a CUDA graph as vLLM captures it (host values of capture: ``max_seq_len``
+    stays what it was), replayed: ``graph_ms`` a replay, and ``graph_replay_max_abs``, how far a replay after
+    rewriting ``seq_lens`` (other lengths per request, the same buffers) is from an eager call on them (the
+    same kernel and split count: 0 when capture is right)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # a warm-up on a side stream, as graph capture asks
+        gpu_batch()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gpu_batch()
+    row = {"graph_ms": timed_ms(graph.replay, reps, "cuda")}
+    saved = b.lens.clone()
+    b.lens.copy_(saved - 1 - 37 * torch.arange(b.requests, device=saved.device, dtype=saved.dtype))
+    graph.replay()
+    replayed = b.output.clone()
+    eager = gpu_batch().clone()
+    b.lens.copy_(saved)
+    row["graph_replay_max_abs"] = float((replayed.float() - eager.float()).abs().max())
     return row
 
 

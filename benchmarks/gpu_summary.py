@@ -217,6 +217,12 @@ def paged_timings(out: Path) -> list[dict]:
             if "paged_ms" in r:
                 lines.append(line(f"vLLM GPU path {label}: paged kernel alone / SDPA", "-",
                                   f"{r['paged_vs_sdpa']:.2f}x ({r['paged_ms']:.3f} ms)", "info"))
+            if "graph_ms" in r:  # decode captured in a CUDA graph (vLLM with SELFEXTEND_CUDA_GRAPHS=1)
+                exact = r["graph_replay_max_abs"] == 0
+                lines.append(line(f"vLLM GPU path {label}: CUDA graph replay / SDPA", "replay == eager",
+                                  f"{r['graph_vs_sdpa']:.2f}x ({r['graph_ms']:.3f} ms); replay vs eager "
+                                  f"after new seq_lens: max |diff| {r['graph_replay_max_abs']:.3g}",
+                                  "PASS" if exact else "FAIL"))
             extra = ", ".join(f"{name} {mib(r.get(f'{name}_extra_mib'))}"
                               for name in ("sdpa", "gpu_batch", "paged") if f"{name}_ms" in r)
             lines.append(line(f"vLLM GPU path {label}: peak extra MiB", "-", extra, "info"))

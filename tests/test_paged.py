@@ -116,3 +116,42 @@ def test_overrides_carry_every_resolved_setting(method, params):
     settings = resolve(hf_config({method: params}))
     again = resolve(hf_config(overrides_for(settings)), trained_length=512)
     assert again.config == settings.config and again.reach == settings.reach
+
+
+def engine_config(hf_config, head: int = D, dtype=torch.bfloat16):
+    """The parts of a vLLM config the plugin's CUDA-graph decision reads (no vLLM needed)."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(hf_text_config=hf_config, hf_config_path=None, model="/nonexistent",
+                            revision=None, get_head_size=lambda: head, dtype=dtype, max_model_len=232)
+    return SimpleNamespace(model_config=model)
+
+
+def test_cuda_graph_support_is_decode_only_and_opt_in(monkeypatch):
+    """Captured decode steps only for SelfExtend whose every decode batch runs the paged kernel, and only when
+    asked for (``SELFEXTEND_CUDA_GRAPHS=1``); no method: vLLM decides; DCA and heads the kernel lacks: none,
+    each with its reason; a bad value of the variable is named."""
+    pytest.importorskip("triton")
+    from transformers import LlamaConfig
+
+    from selfextend.integrations.vllm.engine import CUDA_GRAPHS_ENV, cuda_graph_support
+
+    def llama(**extra):
+        return LlamaConfig(hidden_size=4 * 64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=1, max_position_embeddings=232, vocab_size=128, **extra)
+
+    se = llama(selfextend={"group_size": 4, "window": 8, "trained_length": 64})
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    assert cuda_graph_support(engine_config(llama(), 64))[0] == "vllm"
+    support, why = cuda_graph_support(engine_config(se, 64))
+    assert support == "none" and f"{CUDA_GRAPHS_ENV}=1" in why
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "1")
+    assert cuda_graph_support(engine_config(se, 64))[0] == "decode"
+    support, why = cuda_graph_support(engine_config(se, 64, torch.float64))
+    assert support == "none" and "float64" in why
+    dca = llama(dca={"chunk_size": 48, "local_window": 8, "trained_length": 64})
+    support, why = cuda_graph_support(engine_config(dca, 64))
+    assert support == "none" and "gathers" in why
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{CUDA_GRAPHS_ENV}='yes': use 1"):
+        cuda_graph_support(engine_config(se, 64))

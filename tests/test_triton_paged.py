@@ -271,3 +271,66 @@ def test_gpu_batch_split_decode_paged_prefill_composed(tp, monkeypatch, dtype):
     for r, (q, k, v, _) in enumerate(requests):
         expected, bound = oracle_and_bound(q, k, v, [90, 57][r], 1, 4, 24, dtype)
         assert error(output[r].view(1, heads, D), expected) <= bound, r
+
+
+def test_decode_launch_replays_like_a_captured_graph(tp, monkeypatch):
+    """What vLLM replays when it captures a decode batch in a CUDA graph: the Python of
+    ``engine.attend_gpu_batch`` ran once, at capture, with vLLM's capture-time host values (``max_seq_len =
+    max_model_len``); every later step only rewrites the buffers. So a replay computes what an eager call
+    does iff (1) the decode branch reads nothing from the device (each aten read and ``tolist`` counted) and
+    (2) the host values of capture serve batches of any other lengths (checked against the oracle), and (3)
+    nothing the launch reads is reallocated later: the rotation tables, built for ``max_len`` positions at the
+    first call, stay the same tensors."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from selfextend.integrations.vllm.engine import attend_gpu_batch
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "is_nonzero", "equal", "item"):
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    max_len = 5000  # past the tables' growth step (4096): built for it at once, or rebuilt later
+    method = PagedSelfExtend(SelfExtendConfig(4, 32, 64, scale_base=40), INV_FREQ, max_len=max_len)
+    tables = None
+    for seed, seq_lens in enumerate(([300, 17, 129], [45, 390, 2], [33, 33, 33])):
+        requests, query, kc, vc, table, lens, starts = paged_batch(seq_lens, [1, 1, 1], seed=seed)
+        # an eager step first (its own longest request), then steps with the capture-time max_model_len
+        meta = SimpleNamespace(num_actual_tokens=3, query_start_loc=starts, seq_lens=lens, block_table=table,
+                               max_query_len=1, max_seq_len=max(seq_lens) if seed == 0 else max_len)
+        output = torch.zeros(3, query.shape[1] * D)
+        reads, tolist = Reads(), []
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self, seen=tolist: seen.append(1))
+        with reads:
+            attend_gpu_batch(method, query, kc, vc, meta, output, query.shape[1], D, D ** -0.5)
+        monkeypatch.undo()
+        assert not reads.ops and not tolist, (reads.ops, tolist)
+        want = oracle_batch(requests, starts, 4, 32, base=40)
+        assert error(output.view(3, -1, D), want) <= fp32_tolerance(want), seq_lens
+        now = [t for rt in (method.keys, method.queries) for t in rt.tables[query.device]]
+        assert now[0].shape[0] >= max_len
+        if tables is None:
+            tables = now
+        assert all(a is b for a, b in zip(now, tables, strict=True))  # never rebuilt
+
+
+def test_log_scaled_queries_read_nothing_back():
+    """The optional query scaling of the paged path multiplies every row (by 1 where it does not scale)
+    instead of asking the device whether any row scales: the same rows as the host-checked factor."""
+    from selfextend.positions import query_scale
+
+    method = PagedSelfExtend(SelfExtendConfig(4, 16, 64, scale_base=40), INV_FREQ)
+    query = torch.randn(6, 4, D)
+    for pos in (torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([10, 39, 40, 41, 200, 900])):
+        host = query_scale(pos[None], 64, query.dtype, scale_base=40)
+        want = query if host is None else query * host[0, 0, :, :, None]
+        assert torch.equal(method.scaled_queries(query, pos), want)

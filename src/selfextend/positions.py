@@ -182,9 +182,11 @@ def log_scale_factor(pos: torch.Tensor, scale_base: int) -> torch.Tensor:
 
 
 def query_scale(query_pos: torch.Tensor, trained_length: int, dtype: torch.dtype, *,
-                temperature: bool = False, scale_base: int = 0) -> torch.Tensor | None:
+                temperature: bool = False, scale_base: int = 0,
+                skip_ones: bool = True) -> torch.Tensor | None:
     """The ``(B, 1, q_len, 1)`` factor that multiplies each query row: YaRN's ``t^2`` (``temperature``) times
-    the log scaling (``scale_base``), or None when it is 1 for every row.
+    the log scaling (``scale_base``), or None when it is 1 for every row: found on the host, so
+    ``skip_ones=False`` returns the factor whenever an option is set, without reading the device.
 
     Scaling the query (not the logits) lets every backend and every attention part of that row share it."""
     if not temperature and not scale_base:
@@ -194,7 +196,9 @@ def query_scale(query_pos: torch.Tensor, trained_length: int, dtype: torch.dtype
         f = f * temperature_factor(query_pos, trained_length) ** 2
     if scale_base:
         f = f * log_scale_factor(query_pos, scale_base)
-    return f.to(dtype)[:, None, :, None] if bool((f > 1).any()) else None
+    if skip_ones and not bool((f > 1).any()):
+        return None
+    return f.to(dtype)[:, None, :, None]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -329,7 +329,25 @@ def test_gpu_backend_reads_the_triton_cache_layout(dim, monkeypatch, caplog):
     from selfextend.integrations.vllm.paged import PagedSelfExtend
 
     assert SelfExtendTritonAttentionBackend.get_name() == "SELFEXTEND"
-    assert SelfExtendTritonMetadataBuilder._cudagraph_support == AttentionCGSupport.NEVER
+    from transformers import LlamaConfig
+
+    def engine(**method):  # what the builder's CUDA-graph decision reads of a vLLM config
+        hf = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                         max_position_embeddings=232, vocab_size=128, **method)
+        model = SimpleNamespace(hf_text_config=hf, hf_config_path=None, model="/nonexistent", revision=None,
+                                get_head_size=lambda: 64, dtype=torch.bfloat16, max_model_len=232)
+        return SimpleNamespace(model_config=model)
+
+    se = {"selfextend": {"group_size": 4, "window": 8, "trained_length": 64}}
+    support = SelfExtendTritonMetadataBuilder.get_cudagraph_support
+    monkeypatch.delenv("SELFEXTEND_CUDA_GRAPHS", raising=False)
+    assert support(engine(), None) == AttentionCGSupport.ALWAYS  # vanilla: vLLM's Triton backend decides
+    assert support(engine(**se), None) == AttentionCGSupport.NEVER  # opt-in
+    monkeypatch.setenv("SELFEXTEND_CUDA_GRAPHS", "1")
+    assert support(engine(**se), None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert support(engine(dca={"chunk_size": 48, "local_window": 8, "trained_length": 64}),
+                   None) == AttentionCGSupport.NEVER
+    monkeypatch.delenv("SELFEXTEND_CUDA_GRAPHS")
     paged = dim == 64
     if paged:
         pytest.importorskip("triton")

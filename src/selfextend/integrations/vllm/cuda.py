@@ -8,18 +8,17 @@ in the kernel) for decode requests; prefill and chunks gathered per request and 
 (FlashAttention-2 band + cuDNN grouped pass, ``engine.attend_gpu_batch``). DCA, and head dims or dtypes that
 kernel lacks: each request's K/V gathered through its block table, then ``selfextend.backends``.
 
-CUDA graphs: the builder declares none, so vLLM runs these layers eagerly. A captured decode step must
-replay with no allocation and a fixed launch: here the rotation tables grow on demand (an allocation when a
-request passes the table's length), the paged kernel's split count follows ``max_seq_len`` (a host value
-that changes between steps), and the gathered prefill path reads lengths on the host. Declaring support
-needs tables sized to ``max_model_len`` at start and a split count fixed per captured batch size, then a
-GPU to check that replays equal eager runs.
+CUDA graphs (``engine.cuda_graph_support``): without a method, vLLM's Triton backend's own support. With
+SelfExtend and ``SELFEXTEND_CUDA_GRAPHS=1``: uniform single-token decode batches, which run one launch of the
+paged kernel that reads nothing back to the host and takes every length from the device (tables built for
+``max_model_len`` at start, so never reallocated under a captured graph); prefill and mixed batches run
+eagerly between the captured pieces. Opt-in until a GPU checks that replays equal eager runs
+(``benchmarks/gpu_paged.py`` checks the kernel's capture and replay). DCA: none (it gathers every request).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -31,7 +30,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from . import CUDA_NAME
-from .engine import MethodLayer, attend_gpu_batch, layer_method
+from .engine import MethodLayer, attend_gpu_batch, cuda_graph_support, layer_method
 from .paged import PagedSelfExtend
 
 logger = logging.getLogger("selfextend")
@@ -66,7 +65,15 @@ class SelfExtendTritonAttentionImpl(MethodLayer, TritonAttentionImpl):
 
 
 class SelfExtendTritonMetadataBuilder(TritonAttentionMetadataBuilder):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        support, why = cuda_graph_support(vllm_config)
+        if support == "vllm":
+            return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        logger.info("selfextend: CUDA graphs: %s (%s)", support, why)
+        if support == "decode":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
 
 class SelfExtendTritonAttentionBackend(TritonAttentionBackend):

@@ -5,6 +5,7 @@ cannot be exact, and gets the engine's one ``PagedMethod`` (rotation tables per 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ from .settings import Settings, original_length, refusal, resolve
 logger = logging.getLogger("selfextend")
 
 _methods: dict[tuple, PagedMethod] = {}
+
+CUDA_GRAPHS_ENV = "SELFEXTEND_CUDA_GRAPHS"  # "1": let vLLM capture SelfExtend's decode steps
 
 
 def engine_settings(vllm_config) -> Settings | None:
@@ -53,12 +56,48 @@ def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, sof
         softcap=softcap)
     if reason is not None:
         raise ValueError(f"selfextend vLLM plugin: {reason}")
-    key = (settings.method, settings.config, tuple(settings.inv_freq.tolist()))
+    support, _ = cuda_graph_support(vllm_config)
+    max_len = model_config.max_model_len if support == "decode" else 0  # tables a graph can keep
+    key = (settings.method, settings.config, tuple(settings.inv_freq.tolist()), max_len)
     if key not in _methods:
         logger.info("selfextend: vLLM attention runs %s (reach %d tokens)", settings.describe(),
                     settings.reach)
-        _methods[key] = method_for(settings.config, settings.inv_freq)
+        _methods[key] = method_for(settings.config, settings.inv_freq, max_len=max_len)
     return _methods[key]
+
+
+def cuda_graphs_requested() -> bool:
+    """Whether ``SELFEXTEND_CUDA_GRAPHS=1`` asks for captured decode steps (unset or ``0``: not)."""
+    value = os.environ.get(CUDA_GRAPHS_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{CUDA_GRAPHS_ENV}={value!r}: use 1 to let vLLM capture SelfExtend's decode steps "
+                         "in CUDA graphs, or 0 (the default) to run its attention eagerly")
+    return value == "1"
+
+
+def cuda_graph_support(vllm_config) -> tuple[str, str]:
+    """What a GPU engine may capture in CUDA graphs, and why: ``"vllm"`` (no method: vLLM's own backend
+    decides), ``"decode"`` (uniform single-token decode batches: the paged kernel's launch, which reads
+    nothing back and takes every length from the device, ``PagedSelfExtend.attend_paged``) or ``"none"``.
+
+    Decode capture is opt-in (``SELFEXTEND_CUDA_GRAPHS=1``) until replays are checked against eager runs
+    on a GPU; prefill and mixed batches always run eagerly (their gather path reads lengths on the host),
+    and so does DCA (it gathers every request)."""
+    settings = engine_settings(vllm_config)
+    if settings is None:
+        return "vllm", "no method asked for"
+    if not isinstance(settings.config, PagedSelfExtend.spec.config_class):
+        return "none", f"{settings.method} gathers each request's keys through lengths read on the host"
+    model_config = vllm_config.model_config
+    head = model_config.get_head_size()
+    method = PagedSelfExtend(settings.config, settings.inv_freq)  # tables are built lazily: nothing here
+    reason = method.kernel_reason(head, head, model_config.dtype, "cuda")
+    if reason is not None:
+        return "none", f"the paged kernel cannot run this model ({reason}), so every step gathers"
+    if not cuda_graphs_requested():
+        return "none", (f"decode capture is not yet checked on a GPU; set {CUDA_GRAPHS_ENV}=1 to let vLLM "
+                        "capture decode steps")
+    return "decode", "uniform single-token decode batches run the paged kernel, which graphs can replay"
 
 
 def attend_requests(method: PagedMethod, query: torch.Tensor, key_cache: torch.Tensor,

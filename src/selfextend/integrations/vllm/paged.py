@@ -33,19 +33,21 @@ _GROW = 4096  # table rows are added this many at a time (rounded up)
 
 
 class RotationTable:
-    """cos/sin (fp32) of the rotation by ``delta(p)`` for positions ``p < len``; grown on demand, per
-    device."""
+    """cos/sin (fp32) of the rotation by ``delta(p)`` for positions ``p < len``, per device: grown on demand,
+    or built once for ``rows`` positions (an engine's ``max_model_len``) so that it is never reallocated: a
+    captured CUDA graph keeps reading the tensor it was captured with."""
 
-    def __init__(self, delta, inv_freq: torch.Tensor) -> None:
+    def __init__(self, delta, inv_freq: torch.Tensor, rows: int = 0) -> None:
         self.delta = delta  # positions (n,) long -> deltas (n,) long
         self.inv_freq = inv_freq.to(torch.float32).cpu()
+        self.rows_at_least = rows
         self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def table(self, need: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole ``(cos, sin)``, each ``(P, rd/2)``, ``P >= need``: row ``p`` rotates by ``delta(p)``."""
         cos, sin = self.tables.get(device, (None, None))
         if cos is None or cos.shape[0] < need:
-            size = -(-need // _GROW) * _GROW
+            size = -(-max(need, self.rows_at_least) // _GROW) * _GROW
             p = torch.arange(size, device=device)
             cos, sin = self.tables[device] = rotation_table(self.delta(p), self.inv_freq.to(device))
         return cos, sin
@@ -67,9 +69,10 @@ class PagedRotator:
     """The rotator of ``attention_inputs`` over ``RotationTable``s, one per position map of the method: a
     tensor ``(n, heads, D)`` with positions ``(n,)``, or ``(B, heads, T, D)`` with ``(B, T)``."""
 
-    def __init__(self, maps: dict, inv_freq: torch.Tensor, layout: str) -> None:
+    def __init__(self, maps: dict, inv_freq: torch.Tensor, layout: str, rows: int = 0) -> None:
         self.layout = layout
-        self.tables = {name: RotationTable(lambda p, to=to: to(p) - p, inv_freq) for name, to in maps.items()}
+        self.tables = {name: RotationTable(lambda p, to=to: to(p) - p, inv_freq, rows)
+                       for name, to in maps.items()}
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, name: str,
                  need: int | None = None) -> torch.Tensor:
@@ -78,15 +81,16 @@ class PagedRotator:
 
 class PagedMethod:
     """One method's attention for one request: ``attend(query, key, value, scale)``. The method is its
-    ``spec`` (``config.ATTENTION_SPECS``): the position maps and the input builder every host shares."""
+    ``spec`` (``config.ATTENTION_SPECS``): the position maps and the input builder every host shares.
+    ``max_len``: build the rotation tables for that many positions at once (see ``RotationTable``)."""
 
     spec: ClassVar[AttentionSpec]
 
-    def __init__(self, config, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
+    def __init__(self, config, inv_freq: torch.Tensor, layout: str = "rotate_half", max_len: int = 0) -> None:
         self.config = config
         self.inv_freq = inv_freq
         self.layout = layout
-        self.rotate = PagedRotator(self.spec.maps(config), inv_freq, layout)
+        self.rotate = PagedRotator(self.spec.maps(config), inv_freq, layout, max_len)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                softcap: float | None = None) -> torch.Tensor:
@@ -116,27 +120,32 @@ class PagedSelfExtend(PagedMethod):
     spec = ATTENTION_SPECS["self-extend"]
     config: SelfExtendConfig
 
-    def __init__(self, config: SelfExtendConfig, inv_freq: torch.Tensor, layout: str = "rotate_half") -> None:
-        super().__init__(config, inv_freq, layout)
+    def __init__(self, config: SelfExtendConfig, inv_freq: torch.Tensor, layout: str = "rotate_half",
+                 max_len: int = 0) -> None:
+        super().__init__(config, inv_freq, layout, max_len)
         self.keys, self.queries = self.rotate.tables["key"], self.rotate.tables["query"]
 
     def scaled_queries(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-        """Packed query rows (T, H, D) x the optional temperature and log scaling."""
+        """Packed query rows (T, H, D) x the optional temperature and log scaling, applied to every row
+        (factor 1 where it does not scale) rather than asking the device whether any row scales."""
         cfg = self.config
         factor = query_scale(query_pos[None], cfg.trained_length, query.dtype, temperature=cfg.temperature,
-                             scale_base=cfg.scale_base)
+                             scale_base=cfg.scale_base, skip_ones=False)
         return query if factor is None else query * factor[0, 0, :, :, None]
 
     def paged_reason(self, query: torch.Tensor, value_dim: int) -> str | None:
         """Why ``attend_paged`` cannot take this batch (None: it can); the caller then gathers."""
-        dim = query.shape[-1]
-        reason = KERNELS.head_dim_reason(dim, value_dim) or KERNELS.dtype_reason(query.dtype)
+        return self.kernel_reason(query.shape[-1], value_dim, query.dtype, query.device.type)
+
+    def kernel_reason(self, dim: int, value_dim: int, dtype: torch.dtype, device_type: str) -> str | None:
+        """``paged_reason`` from the shapes alone (an engine asks before any batch exists)."""
+        reason = KERNELS.head_dim_reason(dim, value_dim) or KERNELS.dtype_reason(dtype)
         if reason is not None:
             return reason
         if self.layout != "rotate_half" or 2 * self.inv_freq.numel() != dim:
             return "the kernel rotates the whole head, rotate-half layout only"
-        if not query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return f"tensors are on {query.device.type}: the paged kernel needs CUDA (or TRITON_INTERPRET=1)"
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return f"tensors are on {device_type}: the paged kernel needs CUDA (or TRITON_INTERPRET=1)"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         return None
@@ -148,7 +157,12 @@ class PagedSelfExtend(PagedMethod):
         """A whole varlen batch in one launch of the paged Triton kernel, keys read through the block table
         (no gather, no grouped key copy). ``query`` (T, H, D) packed; the caches ``(num_blocks, Hkv, PAGE,
         D)`` with any strides but the last; the rest as vLLM's metadata; ``launch``: tile overrides (tests).
-        Nothing here waits for the device (the optional query scaling aside)."""
+
+        Safe to capture in a CUDA graph and replay with other lengths and block tables in the same buffers:
+        nothing here reads the device, every length the kernel uses is read by the kernel from ``seq_lens``
+        and ``query_start_loc`` (each split's key range included), and the host values only size the launch
+        (tiles, split count) as upper bounds; ``max_seq_len`` at capture (vLLM passes ``max_model_len``)
+        covers every later replay, and tables built for ``max_len`` positions are never reallocated."""
         from ...backends import triton_paged
 
         seq_lens = seq_lens[: query_start_loc.shape[0] - 1]  # an engine may pad its per-request arrays
@@ -193,7 +207,7 @@ def write(cache: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> Non
     cache[torch.div(slots, block_size, rounding_mode="floor"), :, slots % block_size] = tokens.to(cache.dtype)
 
 
-def method_for(config, inv_freq: torch.Tensor, layout: str = "rotate_half") -> PagedMethod:
+def method_for(config, inv_freq: torch.Tensor, layout: str = "rotate_half", max_len: int = 0) -> PagedMethod:
     """The paged attention of the method whose config ``config`` is."""
     cls = next(c for c in (PagedSelfExtend, PagedDCA) if isinstance(config, c.spec.config_class))
-    return cls(config, inv_freq, layout)
+    return cls(config, inv_freq, layout, max_len)
