@@ -67,3 +67,23 @@ def test_decode_rotation_by_cached_matrix_matches(layout, rotary_dims, dtype):
     assert len(memo) == 2
     if rotary_dims < 16:
         assert torch.equal(fast[..., rotary_dims:], x[..., rotary_dims:])
+
+
+def test_low_precision_frequencies_are_one_fp32_tensor_per_forward():
+    """A bf16 model's ``inv_freq`` is copied to fp32 once and shared by every layer: per-forward rotation
+    memos are keyed by the frequencies' identity, so a copy per layer would rebuild them per layer (and a
+    recycled address must never pass for other frequencies). Changed in place or replaced: a new copy."""
+    from selfextend.integrations.hf.model_info import inv_freq_getter
+
+    rotary = torch.nn.Module()
+    rotary.register_buffer("inv_freq", (1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)).to(torch.bfloat16))
+    layers = [torch.nn.Module(), torch.nn.Module()]
+    getters = [inv_freq_getter(rotary, layer) for layer in layers]
+    first = getters[0]()
+    assert first.dtype == torch.float32 and getters[1]() is first and getters[0]() is first
+    assert torch.equal(first, rotary.inv_freq.float())
+    rotary.inv_freq.mul_(2)
+    again = getters[1]()
+    assert again is not first and torch.equal(again, rotary.inv_freq.float())
+    rotary.inv_freq = rotary.inv_freq.float()  # an fp32 buffer is returned as it is
+    assert getters[0]() is rotary.inv_freq

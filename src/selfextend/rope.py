@@ -93,17 +93,18 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
 
     The memo is keyed by the delta *tensor* (callers share one per forward: the query delta, a cache's key
     delta), never by its values: reading them would stop the host until the device caught up, every layer.
-    The entry keeps the delta alive, so its id cannot be reused by another tensor during the forward."""
+    The entry keeps the delta and the frequencies alive, so their ids cannot be reused by other tensors
+    during the forward."""
     work = torch.promote_types(x.dtype, torch.float32)
     dim = x.shape[-1]
-    key = ("rotation", id(delta), delta._version, x.device, inv_freq.data_ptr(), inv_freq._version, layout,
-           dim, work)
+    key = ("rotation", id(delta), delta._version, x.device, id(inv_freq), inv_freq._version, layout, dim,
+           work)
     entry = memo.get(key)
-    if entry is None or entry[0] is not delta:
+    if entry is None or entry[0] is not delta or entry[2] is not inv_freq:
         basis = (torch.eye(dim, dtype=work, device=x.device).expand(delta.shape[0], dim, dim)[:, :, None, :]
                  .expand(-1, -1, delta.shape[1], -1))
         mat = rotate_by(basis, delta, inv_freq, layout)  # (B, D, T, D): row c is e_c rotated
-        entry = memo[key] = (delta, mat[0, :, 0] if delta.numel() == 1 else mat)
+        entry = memo[key] = (delta, mat[0, :, 0] if delta.numel() == 1 else mat, inv_freq)
     mat = entry[1]
     xw = x if x.dtype == work else x.to(work)
     out = xw @ mat if delta.numel() == 1 else torch.einsum("bhtc,bctd->bhtd", xw, mat)

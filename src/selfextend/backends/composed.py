@@ -103,11 +103,12 @@ class ComposedBackend(Backend):
         """SelfExtend for rows whose real keys are ``[first, last]`` and whose real queries end at
         ``last``."""
         q_first, q_last = query_range(inp, first, last)
-        q = inp.query[rows, :, q_first : q_last + 1]
-        qg = inp.grouped_query[rows, :, q_first : q_last + 1]
-        k = inp.key[rows, :, first : last + 1]
-        kg = inp.grouped_key[rows, :, first : last + 1]
-        v = inp.value[rows, :, first : last + 1]
+        q, qg, k, kg, v = inp.query, inp.grouped_query, inp.key, inp.grouped_key, inp.value
+        if (rows != slice(None) or first != 0 or last + 1 != k.shape[2] or q_first != 0
+                or q_last + 1 != q.shape[2]):  # a part of the batch (views cost microseconds a decode step)
+            q, qg = q[rows, :, q_first : q_last + 1], qg[rows, :, q_first : q_last + 1]
+            keys = slice(first, last + 1)
+            k, kg, v = k[rows, :, keys], kg[rows, :, keys], v[rows, :, keys]
         window, scale, softcap = inp.window, inp.scaling, inp.softcap
         n, m = k.shape[2], q.shape[2]
         off = n - m  # query r is key r + off

@@ -74,9 +74,14 @@ class CpuOps:
 
     @staticmethod
     def merge_(out_a, lse_a, out_b, lse_b) -> None:
-        if out_a.shape[-2] == 1:  # a decode step: one fused lerp, no chunk loop (CPU lse is never +inf)
-            w = torch.sigmoid(lse_a - lse_b).nan_to_num_(0.0)
-            out_a.copy_(torch.lerp(out_b.to(torch.float32), out_a.to(torch.float32), w[..., None]))
+        if out_a.shape[-2] == 1:  # a decode step: one lerp, no chunk loop (CPU lse is never +inf)
+            # weight of b: sigmoid(lse_b - lse_a); nan only if both sets were empty, which a decode step's
+            # neighbor set (the query's own key) never is
+            w_b = torch.sigmoid(lse_b - lse_a)[..., None]
+            if out_a.dtype == torch.float32:
+                out_a.lerp_(out_b, w_b)  # in place: 3 ops where a decode step's budget is a few microseconds
+            else:  # computed in fp32 and rounded once
+                out_a.copy_(torch.lerp(out_a.to(torch.float32), out_b.to(torch.float32), w_b))
             return
         merge_into_torch(out_a, lse_a, out_b, lse_b)
 

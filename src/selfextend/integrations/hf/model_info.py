@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -64,13 +65,29 @@ def check_model(model: torch.nn.Module, method: str) -> tuple[torch.nn.Module, l
     return rotary, layers, SUPPORTED_FAMILIES[model_type]
 
 
+_FP32_FREQS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # rotary -> {name: (buf, version, fp32)}
+
+
 def inv_freq_getter(rotary: torch.nn.Module, layer: torch.nn.Module):
     """Per-layer-type frequencies (Gemma 3 keeps ``full_attention_inv_freq``), else the shared
-    ``inv_freq``."""
+    ``inv_freq``, in fp32. A low-precision buffer's fp32 copy is made once and shared by every layer (until
+    the buffer is replaced or changed in place), so the frequencies of a forward are one tensor: rotations
+    memoised per forward are keyed by its identity."""
     name = f"{getattr(layer, 'layer_type', None)}_inv_freq"
     if not hasattr(rotary, name):
         name = "inv_freq"
-    return lambda: getattr(rotary, name).to(torch.float32)
+
+    def get() -> torch.Tensor:
+        buffer = getattr(rotary, name)
+        if buffer.dtype == torch.float32:
+            return buffer
+        copies = _FP32_FREQS.setdefault(rotary, {})
+        hit = copies.get(name)
+        if hit is None or hit[0] is not buffer or hit[1] != buffer._version:
+            hit = copies[name] = (buffer, buffer._version, buffer.to(torch.float32))
+        return hit[2]
+
+    return get
 
 
 def disable_global_sliding_window(model: torch.nn.Module, state, enable_remap: bool) -> None:
