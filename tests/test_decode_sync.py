@@ -25,9 +25,11 @@ from transformers import DynamicCache
 import selfextend
 
 READS = ("_local_scalar_dense", "is_nonzero", "equal")
-# measured 33 (torch 2.13, CPU) over vanilla's 72 per layer: ~20 views, 2 rotations (the query, the key
-# leaving the window), 1 more attention call, the merge (4 ops)
-EXTRA_OPS_PER_LAYER = 36
+# measured 16 (torch 2.13, CPU) over vanilla's 72 per layer: 2 rotations of one row (the query, the
+# key leaving the window: a view, an mm and a view each, the key written back with one copy_), 1 more
+# attention call on slices of the cache (4 slices, 1 for the leaving key), the merge (sub, sigmoid,
+# unsqueeze, lerp_). In a decode step each op costs microseconds, a visible share of a layer's attention.
+EXTRA_OPS_PER_LAYER = 18
 
 
 class CountOps(TorchDispatchMode):

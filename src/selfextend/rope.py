@@ -21,6 +21,7 @@ import torch
 LAYOUTS = ("rotate_half", "interleaved")
 _CHUNK = 2048  # positions rotated at a time
 _SMALL = 8  # at most this many (row, position) deltas: rotate by a cached matrix (decode steps)
+_WIDE = (torch.float32, torch.float64)  # dtypes a rotation computes in as they are
 
 
 def rotate_by(
@@ -95,7 +96,7 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
     delta), never by its values: reading them would stop the host until the device caught up, every layer.
     The entry keeps the delta and the frequencies alive, so their ids cannot be reused by other tensors
     during the forward."""
-    work = torch.promote_types(x.dtype, torch.float32)
+    work = x.dtype if x.dtype in _WIDE else torch.float32  # promote_types is an op (microseconds a call)
     dim = x.shape[-1]
     key = ("rotation", id(delta), delta._version, x.device, id(inv_freq), inv_freq._version, layout, dim,
            work)
@@ -107,7 +108,10 @@ def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, 
         entry = memo[key] = (delta, mat[0, :, 0] if delta.numel() == 1 else mat, inv_freq)
     mat = entry[1]
     xw = x if x.dtype == work else x.to(work)
-    out = xw @ mat if delta.numel() == 1 else torch.einsum("bhtc,bctd->bhtd", xw, mat)
+    if delta.numel() == 1:  # one mm on the rows (matmul's broadcasting adds ops a decode step pays for)
+        out = torch.mm(xw.reshape(-1, dim), mat).view(xw.shape)
+    else:
+        out = torch.einsum("bhtc,bctd->bhtd", xw, mat)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

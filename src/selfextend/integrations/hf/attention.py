@@ -166,6 +166,12 @@ class LayerState:
         return rotate_by(x, delta, self.inv_freq(), self.layout, memo)
 
 
+def leading(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """The first ``n`` entries of ``t`` along ``dim``: ``t`` itself when that is all of it (a slice would be
+    one more op in every layer of a decode step)."""
+    return t if t.shape[dim] == n else t.narrow(dim, 0, n)
+
+
 def warn_per_1k(seen: set[int], length: int, message: str) -> None:
     """A RuntimeWarning once per 1k tokens of input length: not once per layer, nor per decode step."""
     if length // 1024 not in seen:
@@ -285,8 +291,9 @@ class AttentionCall:
         """The fields every method's backend inputs share (``backends/base.py``): keys cut to the written
         ones."""
         w = self.written
-        return dict(key=self.key[:, :, :w], value=self.value[:, :, :w], query_pos=self.query_pos,
-                    key_pos=key_pos[:, :w], key_valid=None if key_valid is None else key_valid[:, :w],
+        return dict(key=leading(self.key, w, 2), value=leading(self.value, w, 2), query_pos=self.query_pos,
+                    key_pos=leading(key_pos, w, 1),
+                    key_valid=None if key_valid is None else leading(key_valid, w, 1),
                     q_start=self.q_start, scaling=self.scaling, softcap=self.kwargs.get("softcap"))
 
     def rotate(self, x: torch.Tensor, delta: torch.Tensor, shared: bool = True) -> torch.Tensor:

@@ -189,7 +189,7 @@ class GroupedCache:
         count = self.ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size)
         need = max(0, written - window)
         if need <= count:
-            return key[:, :, :written]
+            return key if key.shape[2] == written else key[:, :, :written]
         if count == 0:  # a prefill: rotate them all (the last ``window`` are never read as grouped keys)
             return rotate(key[:, :, :written], _delta(key_pos[:, :written], group_size))
         grouped = key[:, :, :written].clone()
@@ -245,8 +245,8 @@ class GroupedCache:
             if grouped.data_ptr() != key.data_ptr():  # a copy whose [count, written - window) is rotated
                 copied = max(count, min(target, written - window))
                 key[:, :, count:copied] = grouped[:, :, count:copied]
-            key[:, :, copied:target] = rotate(key[:, :, copied:target],
-                                              self._shared_delta(key_pos, copied, target, group_size))
+            leaving = key[:, :, copied:target]  # rotated in place: one view, read and written
+            leaving.copy_(rotate(leaving, self._shared_delta(key_pos, copied, target, group_size)))
             count = target
         if visible:
             self._record(layer_idx, count, group_size, key_pos, restore_with)
