@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_model import _source_commit  # benchmarks/ is on sys.path when a script runs
 
 import selfextend
 from selfextend.integrations.hf.compat import cache_kwarg, output_cache
@@ -98,7 +99,8 @@ def main() -> int:
            "blocks": args.blocks, "steps": args.steps, "params": params, "prefill_s": prefill_s,
            "vanilla_ms": ms["vanilla"], "self_extend_ms": ms["self-extend"],
            "decode_ratio": ms["vanilla"] / ms["self-extend"], "round_ratios": rounds,
-           "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "commit": _source_commit(selfextend), "torch": torch.__version__,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print(f"{args.length} tokens, {args.dtype}, {args.threads} threads, {params}: decode vanilla "
           f"{ms['vanilla']:.1f} ms, self-extend {ms['self-extend']:.1f} ms a step (median of "
           f"{args.blocks * args.steps}): rate ratio {row['decode_ratio']:.3f}x (target >= 0.95; rounds "
