@@ -48,6 +48,24 @@ def step(model, token: torch.Tensor, cache) -> tuple[torch.Tensor, float]:
     return out.logits[:, -1].argmax(-1, keepdim=True), time.perf_counter() - t
 
 
+def interleaved(steps: dict, blocks: int, per_block: int) -> tuple[dict[str, list[float]], list[float]]:
+    """``blocks`` rounds; in each, ``per_block`` calls of every ``steps[name]()`` (which runs one decode step
+    and returns its seconds), the methods one after the other. Returns every step's seconds per method and
+    each round's ratio of medians, vanilla / self-extend (the decode rate ratio, taken within the round)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    rounds = []
+    for _ in range(blocks):
+        medians = {}
+        for name, run in steps.items():
+            block = [run() for _ in range(per_block)]
+            times[name] += block
+            medians[name] = statistics.median(block)
+        rounds.append(medians["vanilla"] / medians["self-extend"])
+        print(f"round {len(rounds)}: vanilla {medians['vanilla'] * 1e3:.1f} ms, self-extend "
+              f"{medians['self-extend'] * 1e3:.1f} ms a step: {rounds[-1]:.3f}x", file=sys.stderr, flush=True)
+    return times, rounds
+
+
 @torch.no_grad()
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,20 +98,12 @@ def main() -> int:
     tokens = {name: first for name in models}
     for name in models:  # warm-up: SelfExtend groups the copied cache here
         tokens[name], _ = step(models[name], tokens[name], caches[name])
-    times: dict[str, list[float]] = {name: [] for name in models}
-    rounds = []
-    for _ in range(args.blocks):
-        medians = {}
-        for name in models:
-            block = []
-            for _ in range(args.steps):
-                tokens[name], dt = step(models[name], tokens[name], caches[name])
-                block.append(dt)
-            times[name] += block
-            medians[name] = statistics.median(block)
-        rounds.append(medians["vanilla"] / medians["self-extend"])
-        print(f"round {len(rounds)}: vanilla {medians['vanilla'] * 1e3:.1f} ms, self-extend "
-              f"{medians['self-extend'] * 1e3:.1f} ms a step: {rounds[-1]:.3f}x", file=sys.stderr, flush=True)
+    def one_step(name: str) -> float:
+        tokens[name], dt = step(models[name], tokens[name], caches[name])
+        return dt
+
+    times, rounds = interleaved({name: (lambda n=name: one_step(n)) for name in models}, args.blocks,
+                                args.steps)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     row = {"bench": "decode_ab", "length": args.length, "dtype": args.dtype, "threads": args.threads,
            "blocks": args.blocks, "steps": args.steps, "params": params, "prefill_s": prefill_s,

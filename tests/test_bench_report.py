@@ -45,3 +45,44 @@ def test_rows_without_a_round_are_round_zero():
     assert bm._key(rows[0])[-1] == 0
     se = next(line for line in bm.report(rows).splitlines() if "| self-extend |" in line).split("|")
     assert se[5].strip() == "1.050x"
+
+
+def _bench_decode_ab():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_decode_ab", BENCH / "bench_decode_ab.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_decode_ab_alternates_methods_and_takes_ratios_within_rounds():
+    """Rounds alternate the methods, ``per_block`` steps each; a slow round (the heap, the machine) slows both
+    methods alike and leaves its ratio alone."""
+    ab = _bench_decode_ab()
+    order = []
+    speed = {"vanilla": [0.10, 0.20], "self-extend": [0.11, 0.22]}  # round 1 twice as slow for both
+
+    def step(name):
+        def run():
+            order.append(name)
+            return speed[name][sum(1 for n in order if n == name) > 3]
+        return run
+
+    times, rounds = ab.interleaved({"vanilla": step("vanilla"), "self-extend": step("self-extend")}, 2, 3)
+    assert order == ["vanilla"] * 3 + ["self-extend"] * 3 + ["vanilla"] * 3 + ["self-extend"] * 3
+    assert [round(r, 6) for r in rounds] == [round(0.10 / 0.11, 6), round(0.20 / 0.22, 6)]
+    assert len(times["vanilla"]) == len(times["self-extend"]) == 6
+
+
+def test_decode_ab_length_argument():
+    ab = _bench_decode_ab()
+    assert ab.parse_length("16k") == 16384 and ab.parse_length("2048") == 2048
+    import argparse
+
+    import pytest
+
+    with pytest.raises(argparse.ArgumentTypeError, match="--length takes tokens like 16384 or 16k"):
+        ab.parse_length("long")
