@@ -56,7 +56,7 @@ def layer_method(vllm_config, *, sliding_window: int | None, attn_type: str, sof
         softcap=softcap)
     if reason is not None:
         raise ValueError(f"selfextend vLLM plugin: {reason}")
-    support, _ = cuda_graph_support(vllm_config)
+    support, _ = cuda_graph_support(vllm_config, settings)
     max_len = model_config.max_model_len if support == "decode" else 0  # tables a graph can keep
     key = (settings.method, settings.config, tuple(settings.inv_freq.tolist()), max_len)
     if key not in _methods:
@@ -75,15 +75,15 @@ def cuda_graphs_requested() -> bool:
     return value == "1"
 
 
-def cuda_graph_support(vllm_config) -> tuple[str, str]:
+def cuda_graph_support(vllm_config, settings: Settings | None = None) -> tuple[str, str]:
     """What a GPU engine may capture in CUDA graphs, and why: ``"vllm"`` (no method: vLLM's own backend
     decides), ``"decode"`` (uniform single-token decode batches: the paged kernel's launch, which reads
     nothing back and takes every length from the device, ``PagedSelfExtend.attend_paged``) or ``"none"``.
 
     Decode capture is opt-in (``SELFEXTEND_CUDA_GRAPHS=1``) until replays are checked against eager runs
     on a GPU; prefill and mixed batches always run eagerly (their gather path reads lengths on the host),
-    and so does DCA (it gathers every request)."""
-    settings = engine_settings(vllm_config)
+    and so does DCA (it gathers every request). ``settings``: the engine's, when the caller has them."""
+    settings = settings if settings is not None else engine_settings(vllm_config)
     if settings is None:
         return "vllm", "no method asked for"
     if not isinstance(settings.config, PagedSelfExtend.spec.config_class):
