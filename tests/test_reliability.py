@@ -219,8 +219,9 @@ def _eval_cmd(tiny_dir: Path, out: Path) -> list[str]:
 
 
 def _as_from_a_shell() -> None:
-    """SIGINT at its default in the child, as a shell starts a command: an ignored or blocked SIGINT is
-    inherited across exec, and a test process may have either from what ran in it before."""
+    """SIGINT at its default in the child, as an interactive shell starts a command. A non-interactive shell
+    starts background commands with SIGINT ignored (CI, ``pytest ... &``: ``signal.getsignal`` is SIG_IGN
+    from the test process's start), and an ignored or blocked SIGINT is inherited across exec."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
