@@ -7,15 +7,20 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _bench_model():
+def _bench(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` as a module (its folder on the path, as when it runs)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_model", BENCH / "bench_model.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
     finally:
         sys.path.remove(str(BENCH))
+
+
+def _bench_model():
+    return _bench("bench_model")
 
 
 def _row(method, rep, prefill, rss, decode):
@@ -47,21 +52,10 @@ def test_rows_without_a_round_are_round_zero():
     assert se[5].strip() == "1.050x"
 
 
-def _bench_decode_ab():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_decode_ab", BENCH / "bench_decode_ab.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
-
-
 def test_decode_ab_alternates_methods_and_takes_ratios_within_rounds():
     """Rounds alternate the methods, ``per_block`` steps each; a slow round (the heap, the machine) slows both
     methods alike and leaves its ratio alone."""
-    ab = _bench_decode_ab()
+    ab = _bench("bench_decode_ab")
     order = []
     speed = {"vanilla": [0.10, 0.20], "self-extend": [0.11, 0.22]}  # round 1 twice as slow for both
 
@@ -78,7 +72,7 @@ def test_decode_ab_alternates_methods_and_takes_ratios_within_rounds():
 
 
 def test_decode_ab_length_argument():
-    ab = _bench_decode_ab()
+    ab = _bench("bench_decode_ab")
     assert ab.parse_length("16k") == 16384 and ab.parse_length("2048") == 2048
     import argparse
 

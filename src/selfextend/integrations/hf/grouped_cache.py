@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ...positions import grouped_key_positions
+from .attention import leading
 from .compat import CACHE_NAMES, output_cache
 
 
@@ -189,7 +190,7 @@ class GroupedCache:
         count = self.ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size)
         need = max(0, written - window)
         if need <= count:
-            return key if key.shape[2] == written else key[:, :, :written]
+            return leading(key, written, 2)
         if count == 0:  # a prefill: rotate them all (the last ``window`` are never read as grouped keys)
             return rotate(key[:, :, :written], _delta(key_pos[:, :written], group_size))
         grouped = key[:, :, :written].clone()
