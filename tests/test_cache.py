@@ -56,8 +56,8 @@ def test_decode_keeps_old_keys_grouped_in_the_cache_itself():
     got = torch.cat([run(model, x, cache, 0, PROMPT, PROMPT), run(model, x, cache, PROMPT, N)], 1)
     assert close(got, full)
     record = getattr(cache, RECORD_ATTR)
-    # the next query sees keys < N - W + 1 grouped
-    assert record.layers == {i: (N - W + 1, G) for i in range(2)}
+    # keys < N - W are grouped; the next call rotates the one that leaves the window, in place, first
+    assert record.layers == {i: (N - W, G) for i in range(2)}
     # the grouped prefix is exactly the true keys rotated once to j // G
     true_keys = vanilla_cache.layers[0].keys[:, :, : PROMPT - W]
     pos = torch.arange(PROMPT - W)[None]
@@ -88,9 +88,9 @@ def test_cache_the_model_creates_is_adopted_after_its_prefill():
     selfextend.apply(model, group_size=G, window=W)
     with torch.no_grad():
         out = model(x[:, :PROMPT], use_cache=True)  # no cache passed: the model creates it inside the call
-        assert getattr(out.past_key_values, RECORD_ATTR).layers[0] == (PROMPT - W + 1, G)
+        assert getattr(out.past_key_values, RECORD_ATTR).layers[0] == (PROMPT - W, G)
         out2 = model(x[:, PROMPT : PROMPT + 1], past_key_values=out.past_key_values, use_cache=True)
-    assert getattr(out.past_key_values, RECORD_ATTR).layers[0] == (PROMPT + 1 - W + 1, G)
+    assert getattr(out.past_key_values, RECORD_ATTR).layers[0] == (PROMPT + 1 - W, G)
     assert close(out2.logits, full_logits(model, x[:, : PROMPT + 1])[:, -1:])
     with torch.no_grad():
         model(x, use_cache=False)  # no cache: nothing to keep, nothing breaks
@@ -166,9 +166,9 @@ def test_cache_found_under_either_transformers_name():
     with torch.no_grad():
         out = model(x[:, :PROMPT], use_cache=True)
         cache = output_cache(out)
-        assert cache is not None and getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT - W + 1
+        assert cache is not None and getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT - W
         model(x[:, PROMPT : PROMPT + 1], use_cache=True, **{name: cache})
-    assert getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT + 1 - W + 1  # one more key grouped, in place
+    assert getattr(cache, RECORD_ATTR).layers[0][0] == PROMPT + 1 - W  # one more key grouped, in place
     assert output_cache(object()) is None
 
 

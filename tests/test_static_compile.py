@@ -57,11 +57,11 @@ def test_static_cache_generate_equals_dynamic(bsz, length):
     assert torch.equal(static.sequences, dynamic.sequences)
     assert logit_diff(static, dynamic) < TOL
     assert logit_diff(dynamic, vanilla) > 1e-2  # the grouped path ran
-    # the static cache's own storage holds the grouped keys: the next query sees keys < written - W + 1
-    # grouped
+    # the static cache's own storage holds the grouped keys, those before written - W (the next call rotates
+    # the key that leaves the window, in place, first)
     written = length + new - 1
     assert cache.layers[0].keys.shape[2] >= written
-    assert getattr(cache, RECORD_ATTR).layers == {i: (written - W + 1, G) for i in range(2)}
+    assert getattr(cache, RECORD_ATTR).layers == {i: (written - W, G) for i in range(2)}
 
 
 class CopyingStaticCache(StaticCache):
@@ -87,7 +87,7 @@ def test_remove_after_static_generate_gives_back_true_keys(bsz):
     assert not hasattr(untouched, RECORD_ATTR)
     written = size - 1
     count = getattr(grouped, RECORD_ATTR).layers[0][0]
-    assert count == written - W + 1
+    assert count == written - W
     for layer in range(2):
         keys, true_keys = grouped.layers[layer].keys, untouched.layers[layer].keys
         assert float((keys[:, :, :count] - true_keys[:, :, :count]).abs().max()) > 1e-2  # grouped in place

@@ -114,10 +114,12 @@ class ComposedBackend(Backend):
         off = n - m  # query r is key r + off
         if m == 1:  # decode: the last W keys, the grouped rest, one merge
             ks = max(0, n - window)
+            if ks == 0:
+                return ops.full(q, k, v, scale, softcap)[0]
+            # the long grouped pass first: the band's few keys are still in cache for the merge
+            out_g, lse_g = ops.full(qg, kg[:, :, :ks], v[:, :, :ks], scale, softcap)
             out, lse = ops.full(q, k[:, :, ks:], v[:, :, ks:], scale, softcap)
-            if ks > 0:
-                out_g, lse_g = ops.full(qg, kg[:, :, :ks], v[:, :, :ks], scale, softcap)
-                ops.merge_(out, lse, out_g, lse_g)
+            ops.merge_(out, lse, out_g, lse_g)
             return out
 
         if ops.band is not None:

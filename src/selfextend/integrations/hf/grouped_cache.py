@@ -178,16 +178,27 @@ class GroupedCache:
         return stored is not None and stored.data_ptr() == key.data_ptr() and stored.shape == key.shape
 
     def grouped_keys(self, layer_idx: int | None, key: torch.Tensor, key_pos: torch.Tensor, written: int,
-                     q_start: int, window: int, group_size: int, contiguous: bool,
-                     rotate: Rotate) -> torch.Tensor:
+                     q_start: int, window: int, group_size: int, contiguous: bool, rotate: Rotate,
+                     restore_with: Rotate) -> torch.Tensor:
         """Keys ``[0, written)`` of one attention call, with ``[0, written - window)`` at grouped positions.
 
-        Returns the cache's own tensor when its grouped prefix already covers the call (every decode step),
-        else a copy with the missing keys rotated. ``contiguous``: each row's real keys end at the last key
-        with no gap, so key-index distances are position distances (left padding qualifies).
+        Keys that every query of the call sees grouped are rotated in the cache itself, before the attention
+        reads anything, when the cache keeps them (a decode step: the one key that left the window). That is
+        where the small rotation costs least: after the attention has streamed the layer's keys through the
+        CPU's caches, each small op costs several times more. Returns the cache's own tensor when its grouped
+        prefix then covers the call (every decode step), else a copy with the missing keys rotated, which
+        ``commit`` writes into the cache after the call. ``contiguous``: each row's real keys end at the last
+        key with no gap, so key-index distances are position distances (left padding qualifies).
+        ``rotate`` serves this call (it may share the forward's small-rotation memo); ``restore_with`` is kept
+        to rotate the keys back later, so it must hold nothing of the call (no query, key or value).
         """
         keep = max(0, q_start - window + 1) if contiguous else 0  # keys every query of this call sees grouped
         count = self.ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size)
+        if count < keep and self._keeps(layer_idx, key, contiguous):
+            rows = key.narrow(2, count, keep - count)  # rotated in place: one view, read and written
+            rows.copy_(rotate(rows, self._shared_delta(key_pos, count, keep, group_size)))
+            count = keep
+            self._record(layer_idx, count, group_size, key_pos, restore_with)
         need = max(0, written - window)
         if need <= count:
             return leading(key, written, 2)
@@ -196,6 +207,11 @@ class GroupedCache:
         grouped = key[:, :, :written].clone()
         grouped[:, :, count:need] = rotate(key[:, :, count:need], _delta(key_pos[:, count:need], group_size))
         return grouped
+
+    def _keeps(self, layer_idx: int | None, key: torch.Tensor, contiguous: bool) -> bool:
+        """Does this call's cache keep ``key`` (its own storage, written for later calls)?"""
+        return (self.use_cache and contiguous and layer_idx is not None and self.cache is not None
+                and self._owns(layer_idx, key))
 
     def holds(self, layer_idx: int | None, key: torch.Tensor) -> bool:
         """Does this call's cache hold grouped keys for this layer?"""
@@ -223,16 +239,16 @@ class GroupedCache:
         return count
 
     def commit(self, layer_idx: int | None, key: torch.Tensor, grouped: torch.Tensor, key_pos: torch.Tensor,
-               written: int, window: int, group_size: int, contiguous: bool, rotate: Rotate,
-               restore_with: Rotate) -> None:
-        """After the call: rotate, in the cache, the keys no later query sees as neighbors.
-
-        ``rotate`` serves this call (it may share the forward's small-rotation memo); ``restore_with`` is kept
-        to rotate the keys back later, so it must hold nothing of the call (no query, key or value).
+               written: int, window: int, group_size: int, contiguous: bool, restore_with: Rotate) -> None:
+        """After the call: write into the cache the keys that ``grouped_keys`` rotated in a copy and that no
+        later query sees as neighbors (``[.., written - window)``; the key leaving the window next is rotated
+        by the next call, in place).
 
         Without a visible cache (the model creates one inside a prefill) the keys are written anyway and
         adopted by ``_after`` only if they turn out to be the new cache's storage; otherwise they were the
         layer's temporaries and nothing reads them again."""
+        if grouped.data_ptr() == key.data_ptr():
+            return  # the cache's own keys: already recorded by ``grouped_keys``
         if not (self.use_cache and contiguous and layer_idx is not None):
             return
         visible = self.cache is not None
@@ -240,14 +256,9 @@ class GroupedCache:
             return
         record: GroupedRecord | None = getattr(self.cache, RECORD_ATTR, None) if visible else None
         count = record.layers.get(layer_idx, (0, group_size))[0] if record is not None else 0
-        target = max(0, written - window + 1)  # the next query (position written) sees keys < target grouped
+        target = max(0, written - window)
         if target > count:
-            copied = count
-            if grouped.data_ptr() != key.data_ptr():  # a copy whose [count, written - window) is rotated
-                copied = max(count, min(target, written - window))
-                key[:, :, count:copied] = grouped[:, :, count:copied]
-            leaving = key[:, :, copied:target]  # rotated in place: one view, read and written
-            leaving.copy_(rotate(leaving, self._shared_delta(key_pos, copied, target, group_size)))
+            key[:, :, count:target] = grouped[:, :, count:target]
             count = target
         if visible:
             self._record(layer_idx, count, group_size, key_pos, restore_with)

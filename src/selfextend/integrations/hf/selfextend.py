@@ -52,7 +52,7 @@ class SelfExtendAttention(AttentionIntegration):
 
         def grouped_keys() -> torch.Tensor:  # kept grouped in the KV cache: only new keys are rotated
             grouped.append(keeper.grouped_keys(layer_idx, key, key_pos, written, call.q_start, W, G,
-                                               contiguous, call.rotate))
+                                               contiguous, call.rotate, restore_with=call.layer.rotate))
             return grouped[0]
 
         inputs = SPEC.inputs(cfg, call.query, call.max_pos, call.rotator(SPEC.maps(cfg)),
@@ -60,7 +60,7 @@ class SelfExtendAttention(AttentionIntegration):
                              **call.backend_inputs(key_valid, key_pos))
         out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
         if grouped:
-            keeper.commit(layer_idx, key, grouped[0], key_pos, written, W, G, contiguous, call.rotate,
+            keeper.commit(layer_idx, key, grouped[0], key_pos, written, W, G, contiguous,
                           restore_with=call.layer.rotate)
         return out
 
