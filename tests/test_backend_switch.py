@@ -81,3 +81,30 @@ def test_triton_switch(monkeypatch):
     model = build_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
     with interpreted.installed():
         _check(model, [("triton", "reference"), ("cpu", "triton"), ("triton", "flex")], monkeypatch)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_backend_is_chosen_once_a_forward_unless_padded(monkeypatch, padded):
+    """Layers of one forward pass tensors of the same kinds, so the choice is made once (a decode step would
+    otherwise pay for it in every layer); with padding each layer chooses, as a backend's ``supports`` may
+    read the padding."""
+    from selfextend.integrations.hf import attention
+
+    layers = 4
+    model = build_model("llama", num_hidden_layers=layers)
+    selfextend.apply(model, group_size=G, window=W)
+    ids = torch.randint(3, 128, (2, PROMPT + 1), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    calls = []
+    choose = attention.select_backend
+    monkeypatch.setattr(attention, "select_backend", lambda *a: calls.append(a) or choose(*a))
+    with torch.no_grad():
+        out = model(ids[:, :PROMPT], attention_mask=mask[:, :PROMPT], position_ids=pos[:, :PROMPT],
+                    use_cache=True)
+        calls.clear()
+        model(ids[:, PROMPT:], attention_mask=mask, position_ids=pos[:, PROMPT:],
+              past_key_values=out.past_key_values, use_cache=True)
+    assert len(calls) == (layers if padded else 1)

@@ -39,6 +39,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ...attention_inputs import Rotator
+from ...backends import Backend, select_backend
 from ...positions import POSITION_IDS_ERROR, key_positions_unchecked
 from ...rope import rotate_by
 from .model_info import check_model, disable_global_sliding_window, inv_freq_getter
@@ -295,6 +296,18 @@ class AttentionCall:
                     key_pos=leading(key_pos, w, 1),
                     key_valid=None if key_valid is None else leading(key_valid, w, 1),
                     q_start=self.q_start, scaling=self.scaling, softcap=self.kwargs.get("softcap"))
+
+    def backend(self, inputs: Any) -> Backend:
+        """``select_backend``'s choice for ``inputs``, made once per forward when nothing is padded: every
+        layer then passes tensors of the same kinds (what a backend's ``supports`` reads), so it would choose
+        the same, and a decode step would pay for the choice in every layer."""
+        name = self.config.backend
+        if inputs.key_valid is not None or self.spec is None:
+            return select_backend(name, inputs)
+        q, v = inputs.query, inputs.value
+        return self.spec.memo(("backend", name, inputs.method, q.dtype, q.device, q.shape[-1], v.shape[-1],
+                               inputs.softcap, inputs.ends_contiguous, q.shape[2] == 1),
+                              lambda: select_backend(name, inputs))
 
     def rotate(self, x: torch.Tensor, delta: torch.Tensor, shared: bool = True) -> torch.Tensor:
         """``x`` rotated by ``delta`` positions with this layer's frequencies. ``shared``: small rotations (a

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ...backends import select_backend
 from ...config import ATTENTION_SPECS, DCAConfig
 from ...positions import DCA_REACH_FACTOR
 from .attention import LAYER_ATTR, AttentionCall, AttentionIntegration, ModelState, warn_per_1k
@@ -53,7 +52,7 @@ class DCAAttention(AttentionIntegration):
 
         inputs = SPEC.inputs(cfg, call.query, call.max_pos, rotate, chunk_keys,
                              **call.backend_inputs(key_valid, key_pos))
-        return select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
+        return call.backend(inputs).forward(inputs)  # (B, H, q_len, D)
 
 
 DCA = DCAAttention()

@@ -183,18 +183,19 @@ class GroupedCache:
         """Keys ``[0, written)`` of one attention call, with ``[0, written - window)`` at grouped positions.
 
         Keys that every query of the call sees grouped are rotated in the cache itself, before the attention
-        reads anything, when the cache keeps them (a decode step: the one key that left the window). That is
-        where the small rotation costs least: after the attention has streamed the layer's keys through the
-        CPU's caches, each small op costs several times more. Returns the cache's own tensor when its grouped
-        prefix then covers the call (every decode step), else a copy with the missing keys rotated, which
-        ``commit`` writes into the cache after the call. ``contiguous``: each row's real keys end at the last
-        key with no gap, so key-index distances are position distances (left padding qualifies).
+        reads anything, when the cache keeps them: in a decode step the one key that left the window, in the
+        first step on a cache filled without SelfExtend all of them, with no copy of the cache. Returns the
+        cache's own tensor when its grouped prefix then covers the call (every decode step), else a copy with
+        the missing keys rotated (a prefill, a chunk), which ``commit`` writes into the cache after the call.
+        ``contiguous``: each row's real keys end at the last key with no gap, so key-index distances are
+        position distances (left padding qualifies).
         ``rotate`` serves this call (it may share the forward's small-rotation memo); ``restore_with`` is kept
         to rotate the keys back later, so it must hold nothing of the call (no query, key or value).
         """
         keep = max(0, q_start - window + 1) if contiguous else 0  # keys every query of this call sees grouped
-        count = self.ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size)
-        if count < keep and self._keeps(layer_idx, key, contiguous):
+        owned = self._owns(layer_idx, key)
+        count = self._ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size) if owned else 0
+        if count < keep and owned and self.use_cache and contiguous:
             rows = key.narrow(2, count, keep - count)  # rotated in place: one view, read and written
             rows.copy_(rotate(rows, self._shared_delta(key_pos, count, keep, group_size)))
             count = keep
@@ -208,11 +209,6 @@ class GroupedCache:
         grouped[:, :, count:need] = rotate(key[:, :, count:need], _delta(key_pos[:, count:need], group_size))
         return grouped
 
-    def _keeps(self, layer_idx: int | None, key: torch.Tensor, contiguous: bool) -> bool:
-        """Does this call's cache keep ``key`` (its own storage, written for later calls)?"""
-        return (self.use_cache and contiguous and layer_idx is not None and self.cache is not None
-                and self._owns(layer_idx, key))
-
     def holds(self, layer_idx: int | None, key: torch.Tensor) -> bool:
         """Does this call's cache hold grouped keys for this layer?"""
         record = getattr(self.cache, RECORD_ATTR, None)
@@ -225,9 +221,15 @@ class GroupedCache:
         positions: a cropped cache, a larger W or a vanilla call needs them as neighbors again. Keys from
         ``q_start`` on were written by this call (after a crop they replace grouped ones). Returns how many
         leading keys stay grouped."""
-        if not self.holds(layer_idx, key):
+        return self._ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size) if self._owns(
+            layer_idx, key) else 0
+
+    def _ungroup(self, layer_idx: int, key: torch.Tensor, key_pos: torch.Tensor, q_start: int, keep: int,
+                 rotate: Rotate, group_size: int) -> int:
+        """``ungroup`` of keys that the cache owns."""
+        record: GroupedRecord | None = getattr(self.cache, RECORD_ATTR, None)
+        if record is None or layer_idx not in record.layers:
             return 0
-        record: GroupedRecord = getattr(self.cache, RECORD_ATTR)
         count, grouped_g = record.layers[layer_idx]
         count = min(count, q_start)
         if grouped_g != group_size:

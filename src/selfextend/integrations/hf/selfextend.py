@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ...backends import select_backend
 from ...config import ATTENTION_SPECS, SelfExtendConfig
 from ...positions import padding_spans, reach_formula, smallest_group_size
 from .attention import AttentionCall, AttentionIntegration, ModelState, warn_per_1k
@@ -58,7 +57,7 @@ class SelfExtendAttention(AttentionIntegration):
         inputs = SPEC.inputs(cfg, call.query, call.max_pos, call.rotator(SPEC.maps(cfg)),
                              grouped_keys, ends_contiguous=contiguous or None,
                              **call.backend_inputs(key_valid, key_pos))
-        out = select_backend(cfg.backend, inputs).forward(inputs)  # (B, H, q_len, D)
+        out = call.backend(inputs).forward(inputs)  # (B, H, q_len, D)
         if grouped:
             keeper.commit(layer_idx, key, grouped[0], key_pos, written, W, G, contiguous,
                           restore_with=call.layer.rotate)
