@@ -116,7 +116,7 @@ class ComposedBackend(Backend):
             ks = max(0, n - window)
             if ks == 0:
                 return ops.full(q, k, v, scale, softcap)[0]
-            # the long grouped pass first: the band's few keys are still in cache for the merge
+            # the grouped keys, then the band, one merge (symmetric: the order leaves the output as it is)
             out_g, lse_g = ops.full(qg, kg[:, :, :ks], v[:, :, :ks], scale, softcap)
             out, lse = ops.full(q, k[:, :, ks:], v[:, :, ks:], scale, softcap)
             ops.merge_(out, lse, out_g, lse_g)
