@@ -69,6 +69,38 @@ def test_decode_rotation_by_cached_matrix_matches(layout, rotary_dims, dtype):
         assert torch.equal(fast[..., rotary_dims:], x[..., rotary_dims:])
 
 
+def test_rotations_off_cpu_take_the_matrix_unless_matmuls_may_round_to_tf32():
+    """On a GPU the cached matrix is 3 kernel launches where the table and the elementwise rotation are ~16,
+    twice a layer in a decode step; with TF32 matmuls allowed it would round the rotation, so the elementwise
+    path stays. The meta device stands in for a GPU (the choice reads the device type and the setting)."""
+    x = torch.empty(1, 4, 1, 16, device="meta")
+    delta = torch.zeros(1, 1, dtype=torch.long, device="meta")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    matmul = torch.backends.cuda.matmul
+
+    def by_matrix() -> bool:
+        memo: dict = {}
+        assert rotate_by(x, delta, inv_freq, "rotate_half", memo).shape == x.shape
+        return len(memo) == 1
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert by_matrix()
+        torch.set_float32_matmul_precision("high")  # the legacy API
+        assert not by_matrix()
+        torch.set_float32_matmul_precision("highest")
+        assert by_matrix()
+        if hasattr(matmul, "fp32_precision"):  # the new API: torch then refuses to read the legacy flag
+            matmul.fp32_precision = "tf32"
+            assert not by_matrix()
+            matmul.fp32_precision = "ieee"
+            assert by_matrix()
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision(before)
+
+
 def test_low_precision_frequencies_are_one_fp32_tensor_per_forward():
     """A bf16 model's ``inv_freq`` is copied to fp32 once and shared by every layer: per-forward rotation
     memos are keyed by the frequencies' identity, so a copy per layer would rebuild them per layer (and a

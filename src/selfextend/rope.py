@@ -36,15 +36,15 @@ def rotate_by(
         inv_freq: (rd/2,) the model's inverse frequencies; ``rd <= D`` channels rotate.
         layout: ``"rotate_half"`` or ``"interleaved"``.
         memo: a dict that lives for one forward call (every layer shares its deltas). With it, a few deltas
-            on CPU (a decode step) rotate by one cached (D x D) matrix product: about 15 small ops per call
-            become one, which is most of SelfExtend's per-layer cost when decoding.
+            (a decode step) rotate by one cached (D x D) matrix product (``_by_matrix`` says where): about 15
+            small ops per call become one, which is most of SelfExtend's per-layer cost when decoding.
 
     Returns:
         A new tensor of ``x``'s shape and dtype.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if (memo is not None and delta.numel() <= _SMALL and x.device.type == "cpu"
+    if (memo is not None and delta.numel() <= _SMALL and _by_matrix(x)
             and not torch.compiler.is_compiling()):  # an eager shortcut: dynamo cannot trace id(delta)
         return _rotate_small(x, delta, inv_freq, layout, memo)
     if x.shape[2] > _CHUNK:  # fp32 temporaries per chunk, not per sequence: a 16k bf16 prefill would
@@ -85,6 +85,30 @@ def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if rd == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., rd:]), dim=-1)
+
+
+def _by_matrix(x: torch.Tensor) -> bool:
+    """May a few deltas rotate ``x`` by a cached matrix product? On CPU, yes. On a GPU, where the product is 3
+    kernel launches against ~16 for the table and the elementwise rotation (per rotation, twice a layer in a
+    decode step), yes unless fp32 matmuls may round to TF32 (``torch.set_float32_matmul_precision``): the
+    product would then lose precision that the elementwise path keeps."""
+    return x.device.type == "cpu" or not _matmul_may_round_to_tf32()
+
+
+def _matmul_may_round_to_tf32() -> bool:
+    """Read without raising: torch refuses to answer the legacy ``allow_tf32`` once the new
+    ``fp32_precision`` API was used, and either API may have set it."""
+    backends = torch.backends
+    new = (getattr(backends.cuda.matmul, "fp32_precision", "none"),
+           getattr(backends, "fp32_precision", "none"))
+    if "tf32" in new:
+        return True
+    if new[0] == "ieee":
+        return False
+    try:
+        return torch.get_float32_matmul_precision() != "highest" or bool(backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # the two APIs mixed: assume the rounding
+        return True
 
 
 def _rotate_small(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str,
