@@ -221,8 +221,9 @@ class GroupedCache:
         positions: a cropped cache, a larger W or a vanilla call needs them as neighbors again. Keys from
         ``q_start`` on were written by this call (after a crop they replace grouped ones). Returns how many
         leading keys stay grouped."""
-        return self._ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size) if self._owns(
-            layer_idx, key) else 0
+        if not self._owns(layer_idx, key):
+            return 0
+        return self._ungroup(layer_idx, key, key_pos, q_start, keep, rotate, group_size)
 
     def _ungroup(self, layer_idx: int, key: torch.Tensor, key_pos: torch.Tensor, q_start: int, keep: int,
                  rotate: Rotate, group_size: int) -> int:
